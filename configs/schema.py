@@ -1,0 +1,319 @@
+"""Plain frozen dataclasses for the registry, presets, requests and plans.
+
+Choices are `Literal` types; the UI and CLI derive their option lists from them
+with `typing.get_args`, so there is one source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+Task = Literal["t2v", "i2v", "v2v"]
+Family = Literal["cogvideox", "wan"]
+Offload = Literal["none", "model", "group", "sequential"]
+OffloadChoice = Literal["auto", "none", "model", "group", "sequential"]
+Quant = Literal["none", "int8", "fp8", "fp8-storage"]
+PresetName = Literal["fast", "balanced", "quality"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+TASKS: tuple[str, ...] = get_args(Task)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
+QUANTS: tuple[str, ...] = get_args(Quant)
+PRESETS: tuple[str, ...] = get_args(PresetName)
+
+SEED_MAX = 2**32 - 1
+# Frames per latent frame for both families' VAEs (temporal compression 4, first frame alone).
+FRAME_RULE = {"cogvideox": 8, "wan": 4}
+MAX_SIDE_PX = 4096
+MAX_PROMPT_CHARS = 10_000
+
+
+class RequestError(ValueError):
+    """A request value that is not allowed. The message names the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    pipeline: str  # diffusers pipeline class name
+    repo: str  # hub id, or "tiny-name/subfolder" for the offline family
+    fixed_size: tuple[int, int] | None = None  # (height, width) where learned positional embeddings fix it
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: Family
+    label: str
+    default_dtype: DType
+    resolutions: tuple[tuple[int, int], ...]  # (height, width) pairs
+    default_frames: int
+    max_frames: int
+    fps: int
+    size_multiple: int
+    params: dict[str, int]
+    tasks: dict[str, TaskSpec]
+    download_gb: float = 0.0
+    published_vram_gb: dict[str, float] = field(default_factory=dict)
+    shared_weights: dict[str, str] = field(default_factory=dict)  # component -> weight group
+    tiny: bool = False
+
+    @property
+    def frame_step(self) -> int:
+        return FRAME_RULE[self.family]
+
+    @property
+    def default_resolution(self) -> tuple[int, int]:
+        return self.resolutions[0]
+
+    def frames_ok(self, frames: int) -> bool:
+        return frames >= 1 and (frames - 1) % self.frame_step == 0
+
+    def snap_frames(self, frames: int) -> int:
+        """The nearest frame count the family accepts (ties go down), within 1..max_frames."""
+        step = self.frame_step
+        k = max(0, round((frames - 1) / step - 1e-9))
+        return min(k * step + 1, self.max_frames)
+
+    def frame_rule_text(self) -> str:
+        return f"{self.frame_step}k+1 (1, {1 + self.frame_step}, {1 + 2 * self.frame_step}, ...)"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    steps: int
+    guidance: float
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How the VAE decode runs. Pixel sizes are output pixels."""
+
+    enable_vae_tiling: bool = True
+    tile_x: int = 272
+    tile_y: int = 272
+    tile_stride_x: int = 144
+    tile_stride_y: int = 128
+    chunk_frames: int = 0  # latent frames per causal chunk; 0 = the VAE's own chunk size
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    task: Task
+    prompt: str
+    negative_prompt: str = ""
+    frames: int | None = None  # None = the model's default
+    height: int | None = None
+    width: int | None = None
+    fps: int | None = None
+    steps: int | None = None  # None = the preset's
+    guidance: float | None = None
+    preset: PresetName = "balanced"
+    seed: int = 0
+    image: str | None = None  # path, i2v
+    video: str | None = None  # path, v2v
+    strength: float = 0.7
+    offload: OffloadChoice = "auto"
+    quant: Quant = "none"
+    decode: DecodeSettings = DecodeSettings()
+
+    def replace(self, **changes) -> "GenerationRequest":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerationRequest":
+        data = dict(data)
+        if isinstance(data.get("decode"), dict):
+            data["decode"] = DecodeSettings(**data["decode"])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the planner decided for one run, with a reason per choice."""
+
+    offload: Offload = "none"
+    quant: Quant = "none"
+    decode: DecodeSettings = DecodeSettings()
+    predicted_peak_gpu_bytes: int = 0
+    predicted_peak_host_bytes: int = 0
+    stages: dict[str, int] = field(default_factory=dict)  # stage -> predicted peak GPU bytes
+    reasons: tuple[str, ...] = ()
+    summary: str = ""
+
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _model_from_yaml(model_id: str, raw: dict) -> ModelSpec:
+    tasks = {
+        t: TaskSpec(spec["pipeline"], spec["repo"], tuple(spec["fixed_size"]) if spec.get("fixed_size") else None)
+        for t, spec in raw["tasks"].items()
+    }
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"models.yaml: {model_id} has unknown task(s) {sorted(unknown)}; allowed: {TASKS}")
+    return ModelSpec(
+        id=model_id,
+        family=raw["family"],
+        label=raw["label"],
+        default_dtype=raw["default_dtype"],
+        resolutions=tuple(tuple(r) for r in raw["resolutions"]),
+        default_frames=int(raw["default_frames"]),
+        max_frames=int(raw["max_frames"]),
+        fps=int(raw["fps"]),
+        size_multiple=int(raw["size_multiple"]),
+        params={k: int(v) for k, v in raw["params"].items()},
+        tasks=tasks,
+        download_gb=float(raw.get("download_gb", 0.0)),
+        published_vram_gb={k: float(v) for k, v in (raw.get("published_vram_gb") or {}).items()},
+        shared_weights=dict(raw.get("shared_weights") or {}),
+        tiny=bool(raw.get("tiny", False)),
+    )
+
+
+@functools.cache
+def load_registry(path: Path = CONFIG_DIR / "models.yaml") -> dict[str, ModelSpec]:
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    return {model_id: _model_from_yaml(model_id, spec) for model_id, spec in raw.items()}
+
+
+@functools.cache
+def load_presets(path: Path = CONFIG_DIR / "presets.yaml") -> dict[str, Preset]:
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    presets = {name: Preset(name=name, **spec) for name, spec in raw.items()}
+    if set(presets) != set(PRESETS):
+        raise ValueError(f"presets.yaml must define exactly {PRESETS}, found {sorted(presets)}")
+    return presets
+
+
+def get_model_spec(model: str) -> ModelSpec:
+    registry = load_registry()
+    if model in registry:
+        return registry[model]
+    raise RequestError(f"unknown model {model!r}; known models: {', '.join(registry)}")
+
+
+def models_for_task(task: str) -> list[str]:
+    return [m for m, spec in load_registry().items() if task in spec.tasks]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_number(name: str, value, lo: float, hi: float, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not lo <= value <= hi:
+        raise RequestError(f"{name}={value!r} is not allowed; {allowed}")
+
+
+def resolve_request(req: GenerationRequest) -> GenerationRequest:
+    """Validate a request once, before anything loads, and fill its defaults.
+
+    Raises RequestError naming the offending value and what is allowed.
+    """
+    spec = get_model_spec(req.model)
+    if req.task not in TASKS:
+        raise RequestError(f"task={req.task!r} is not allowed; choose one of {TASKS}")
+    if req.task not in spec.tasks:
+        raise RequestError(
+            f"model {req.model!r} has no {req.task} pipeline; it serves: {', '.join(spec.tasks)}. "
+            f"Models with {req.task}: {', '.join(models_for_task(req.task))}"
+        )
+    prompt = (req.prompt or "").strip()
+    if not prompt:
+        raise RequestError("prompt is empty; describe the video you want")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    if req.preset not in PRESETS:
+        raise RequestError(f"preset={req.preset!r} is not allowed; choose one of {PRESETS}")
+    preset = load_presets()[req.preset]
+
+    frames = spec.default_frames if req.frames is None else req.frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or not spec.frames_ok(frames) or frames > spec.max_frames:
+        raise RequestError(
+            f"frames={frames!r} is not allowed for {spec.family} models; use {spec.frame_rule_text()} "
+            f"up to {spec.max_frames} (nearest: {spec.snap_frames(frames) if isinstance(frames, int) else spec.default_frames})"
+        )
+    height, width = spec.default_resolution
+    height = height if req.height is None else req.height
+    width = width if req.width is None else req.width
+    for name, value in (("height", height), ("width", width)):
+        m = spec.size_multiple
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % m or value > MAX_SIDE_PX:
+            raise RequestError(
+                f"{name}={value!r} is not allowed; use a positive multiple of {m} up to {MAX_SIDE_PX} "
+                f"(this model's sizes: {', '.join(f'{h}x{w}' for h, w in spec.resolutions)})"
+            )
+    fixed = spec.tasks[req.task].fixed_size
+    if fixed and (height, width) != fixed:
+        raise RequestError(
+            f"size {height}x{width} is not allowed for {req.model} {req.task}: its learned positional "
+            f"embeddings fix the size at {fixed[0]}x{fixed[1]}"
+        )
+    fps = spec.fps if req.fps is None else req.fps
+    _check_number("fps", fps, 1, 120, "use 1 to 120 frames per second")
+    steps = preset.steps if req.steps is None else req.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise RequestError(f"steps={steps!r} is not allowed; use a whole number from 1 to 1000")
+    guidance = preset.guidance if req.guidance is None else req.guidance
+    _check_number("guidance", guidance, 0.0, 100.0, "use a number from 0 to 100")
+    _check_number("seed", req.seed, 0, SEED_MAX, f"use 0 to {SEED_MAX} (-1 for random in the UI)")
+    if not isinstance(req.seed, int):
+        raise RequestError(f"seed={req.seed!r} is not allowed; use a whole number from 0 to {SEED_MAX}")
+    if req.offload not in get_args(OffloadChoice):
+        raise RequestError(f"offload={req.offload!r} is not allowed; choose one of {get_args(OffloadChoice)}")
+    if req.quant not in QUANTS:
+        raise RequestError(f"quant={req.quant!r} is not allowed; choose one of {QUANTS}")
+    if req.task == "i2v":
+        _check_input_file("image", req.image)
+    if req.task == "v2v":
+        _check_input_file("video", req.video)
+        _check_number("strength", req.strength, 0.0, 1.0, "use a number from 0 to 1")
+    _check_decode(req.decode)
+    return req.replace(
+        prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance)
+    )
+
+
+def _check_input_file(name: str, path: str | None) -> None:
+    if not path:
+        raise RequestError(f"{name} is missing; the task needs an input {name} file")
+    p = Path(path)
+    if not p.is_file():
+        raise RequestError(f"{name} file {path!r} does not exist")
+    if p.stat().st_size == 0:
+        raise RequestError(f"{name} file {path!r} is empty (0 bytes)")
+
+
+def _check_decode(d: DecodeSettings) -> None:
+    for name in ("tile_x", "tile_y", "tile_stride_x", "tile_stride_y"):
+        value = getattr(d, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_SIDE_PX:
+            raise RequestError(f"{name}={value!r} is not allowed; use whole pixels from 32 to {MAX_SIDE_PX}")
+    if d.tile_stride_x > d.tile_x or d.tile_stride_y > d.tile_y:
+        raise RequestError(
+            f"tile stride ({d.tile_stride_x}x{d.tile_stride_y}) larger than the tile ({d.tile_x}x{d.tile_y}) "
+            "would leave gaps; use a stride no larger than the tile"
+        )
+    if isinstance(d.chunk_frames, bool) or not isinstance(d.chunk_frames, int) or d.chunk_frames < 0:
+        raise RequestError(f"chunk_frames={d.chunk_frames!r} is not allowed; use 0 (automatic) or a positive count")

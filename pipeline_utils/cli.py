@@ -1,0 +1,142 @@
+"""The headless CLI: `python app.py generate ...` runs the same engine as the UI.
+
+Exit codes: 0 success, 2 bad input (one line naming the value), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import get_args
+
+from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, GenerationRequest, OffloadChoice, RequestError
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def add_precision_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--int8", action="store_true", help="INT8 weight-only quantization (torchao)")
+    group.add_argument("--fp8", action="store_true", help="FP8 weights (fp8 compute where the GPU has it, else fp8 storage)")
+
+
+def precision_from_args(args: argparse.Namespace, default: str = "none") -> str:
+    return "int8" if getattr(args, "int8", False) else "fp8" if getattr(args, "fp8", False) else default
+
+
+def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    d = DecodeSettings()
+    parser.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false", help="decode whole frames")
+    parser.add_argument("--tile-x", type=int, default=d.tile_x, help="tile width in output pixels")
+    parser.add_argument("--tile-y", type=int, default=d.tile_y, help="tile height in output pixels")
+    parser.add_argument("--tile-stride-x", type=int, default=d.tile_stride_x)
+    parser.add_argument("--tile-stride-y", type=int, default=d.tile_stride_y)
+    parser.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="latent frames per decode chunk (0 = auto)")
+
+
+def decode_from_args(args: argparse.Namespace) -> DecodeSettings:
+    return DecodeSettings(
+        enable_vae_tiling=args.vae_tiling,
+        tile_x=args.tile_x,
+        tile_y=args.tile_y,
+        tile_stride_x=args.tile_stride_x,
+        tile_stride_y=args.tile_stride_y,
+        chunk_frames=args.chunk_frames,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description="FitVideo headless commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate one video")
+    g.add_argument("--model", default="tiny-cogvideox", help="registry id, local folder, or tiny-cogvideox / tiny-wan")
+    g.add_argument("--task", choices=TASKS, default="t2v")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--frames", type=int, default=None, help="frame count (CogVideoX 8k+1, Wan 4k+1)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--fps", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
+    g.add_argument("--preset", choices=PRESETS, default="balanced", help="motion preset")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--image", default=None, help="input image (i2v)")
+    g.add_argument("--video", default=None, help="input video (v2v)")
+    g.add_argument("--strength", type=float, default=0.7, help="how far v2v moves from the input (0-1)")
+    g.add_argument("--offload", choices=get_args(OffloadChoice), default="auto")
+    g.add_argument("--quant", choices=QUANTS, default=None, help="weight precision (or --int8 / --fp8)")
+    add_precision_flags(g)
+    add_decode_flags(g)
+    g.add_argument("--out", default=None, help="output mp4 (default: outputs/{time}_{task}_{seed}.mp4)")
+    g.add_argument("--outputs-dir", default="outputs")
+    g.add_argument("--max-cache-size", type=int, default=None)
+    g.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    return GenerationRequest(
+        model=args.model,
+        task=args.task,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        fps=args.fps,
+        steps=args.steps,
+        guidance=args.guidance,
+        preset=args.preset,
+        seed=args.seed,
+        image=args.image,
+        video=args.video,
+        strength=args.strength,
+        offload=args.offload,
+        quant=args.quant or precision_from_args(args),
+        decode=decode_from_args(args),
+    )
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pipeline_utils.cache import PipelineCache
+    from pipeline_utils.runner import Runner
+
+    runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
+    result = runner.generate(request_from_args(args), out_path=args.out)
+    print(result.video_path)
+    logger.info("%d frames in %.1f s; sidecar %s", result.frames, result.timings["total_s"], result.sidecar_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "offline", False):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    setup_logging()
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        parser.error(f"unknown command {args.command!r}")
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1

@@ -1,0 +1,176 @@
+"""Load diffusers pipelines from a registry id (hub or tiny) or a local folder.
+
+`load_pipeline(model, task, dtype=None)` and
+`load_shared_pipeline(model, task, shared_components={...})` are the public API
+(seed 003). Loading always goes through `<PipelineClass>.from_pretrained`, for
+the tiny family too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configs.schema import TASKS, ModelSpec, RequestError, get_model_spec, load_registry
+from pipeline_utils.tiny import TINY_NAMES, ensure_tiny_model
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FAMILY_PIPELINES = {
+    "cogvideox": {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline", "v2v": "CogVideoXVideoToVideoPipeline"},
+    "wan": {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"},
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+class ModelUnavailableError(RequestError):
+    """The model's weights are not on this machine (or its folder is incomplete)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one (model, task) pipeline comes from."""
+
+    model: str
+    task: str
+    pipeline: str  # class name
+    folder: Path | None  # resolved local folder, or None if it must be downloaded
+    repo: str  # hub id, or the folder path
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, spec: ModelSpec | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype or (spec.default_dtype if spec else "bfloat16")
+    if name not in DTYPES:
+        raise RequestError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def folder_family(folder: Path) -> str:
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    name = index.get("_class_name", "")
+    for family, prefix in (("cogvideox", "CogVideoX"), ("wan", "Wan")):
+        if name.startswith(prefix):
+            return family
+    raise RequestError(f"{folder} holds a {name or 'unknown'} pipeline; FitVideo serves CogVideoX and Wan pipelines")
+
+
+def missing_files(folder: Path) -> list[str]:
+    """Names of the files a diffusers pipeline folder lacks (model_index.json lists its components)."""
+    folder = Path(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        return ["model_index.json"]
+    index = json.loads(index_path.read_text())
+    missing = []
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            missing.append(f"{name}/")
+            continue
+        files = [p.name for p in sub.iterdir()]
+        if not any(f in _CONFIG_NAMES or f == "tokenizer.json" or f.endswith(".model") for f in files):
+            missing.append(f"{name}/config.json")
+        if (sub / "config.json").is_file() and not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
+            missing.append(f"{name}/ (weights: *.safetensors)")
+    return missing
+
+
+def _hub_folder(repo: str) -> Path | None:
+    """The local snapshot of a hub repo, or None when it is not on this machine."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        return None
+
+
+def _unavailable(model: str, repo: str, spec: ModelSpec | None, detail: str) -> ModelUnavailableError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    size = f" (about {spec.download_gb:.0f} GB)" if spec and spec.download_gb else ""
+    return ModelUnavailableError(
+        f"weights for {model!r} are not on this machine: {detail}. Looked in the Hugging Face cache "
+        f"{HF_HUB_CACHE}. Fetch them with `huggingface-cli download {repo}`{size}, or pass a local folder; "
+        "the tiny-cogvideox and tiny-wan models work offline"
+    )
+
+
+def resolve_source(model: str, task: str) -> Source:
+    """Find where the pipeline for (model, task) comes from, without loading anything big."""
+    if task not in TASKS:
+        raise RequestError(f"task={task!r} is not allowed; choose one of {TASKS}")
+    path = Path(model).expanduser()
+    if model not in load_registry() and path.is_dir():
+        missing = missing_files(path)
+        if missing:
+            raise ModelUnavailableError(f"model folder {str(path)!r} is incomplete; missing: {', '.join(missing)}")
+        return Source(model, task, FAMILY_PIPELINES[folder_family(path)][task], path, str(path))
+    spec = get_model_spec(model)
+    if task not in spec.tasks:
+        raise RequestError(f"model {model!r} has no {task} pipeline; it serves: {', '.join(spec.tasks)}")
+    task_spec = spec.tasks[task]
+    if spec.tiny:
+        name, sub = task_spec.repo.split("/")
+        assert name in TINY_NAMES, name
+        return Source(model, task, task_spec.pipeline, ensure_tiny_model(name) / sub, task_spec.repo)
+    folder = _hub_folder(task_spec.repo)
+    if folder is not None:
+        missing = missing_files(folder)
+        if missing:
+            raise _unavailable(model, task_spec.repo, spec, f"the download is incomplete, missing {', '.join(missing)}")
+    elif is_offline():
+        raise _unavailable(model, task_spec.repo, spec, "offline mode (HF_HUB_OFFLINE) and no local copy")
+    return Source(model, task, task_spec.pipeline, folder, task_spec.repo)
+
+
+def load_shared_pipeline(
+    model: str,
+    task: str = "t2v",
+    shared_components: dict[str, object] | None = None,
+    dtype: str | torch.dtype | None = None,
+):
+    """Load the (model, task) pipeline, reusing the given component objects instead of loading them.
+
+    `load_shared_pipeline("THUDM/CogVideoX-5b", "v2v", shared_components={"transformer": t2v.transformer,
+    "vae": t2v.vae})` adds no weights for the shared parts: they are the same objects.
+    """
+    import diffusers
+
+    source = resolve_source(model, task)
+    spec = load_registry().get(model)
+    torch_dtype = resolve_dtype(dtype, spec)
+    cls = getattr(diffusers, source.pipeline)
+    shared = dict(shared_components or {})
+    logger.info(
+        "loading %s %s (%s, %s)%s", model, task, source.pipeline, str(torch_dtype).removeprefix("torch."),
+        f", sharing {', '.join(sorted(shared))}" if shared else "",
+    )
+    try:
+        pipe = cls.from_pretrained(str(source.folder or source.repo), torch_dtype=torch_dtype, **shared)
+    except (OSError, ValueError) as exc:
+        if source.folder is None:  # a download was attempted and failed (no network, gated repo, ...)
+            raise _unavailable(model, source.repo, spec, f"download failed ({type(exc).__name__}: {exc})") from exc
+        raise
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(model: str, task: str = "t2v", dtype: str | torch.dtype | None = None):
+    """Load a pipeline for `task` ('t2v', 'i2v', 'v2v') from a hub id, a local folder or a tiny name."""
+    return load_shared_pipeline(model, task, None, dtype)

@@ -1,0 +1,251 @@
+"""One place that owns a generation, in numbered steps (see DESIGN.md).
+
+   1. check the request            5. denoise to latents (progress + stop flag per step)
+   2. plan memory                  6. save latents next to the output
+   3. get the pipeline (cache)     7. stream-decode into the video file
+   4. apply the plan               8. finally: drop per-run state, free memory
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+import decode
+import vram_utils
+from configs.schema import DecodeSettings, GenerationRequest, Plan, get_model_spec, resolve_request
+from pipeline_utils.cache import PipelineCache, release_memory
+from pipeline_utils.media import load_image, load_video
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["loading", "encoding", "denoising", "decoding", "saving", "done"]
+LATENTS_SUFFIX = ".latents.pt"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: Stage
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    eta_s: float | None = None
+
+
+class Cancelled(Exception):
+    """The person pressed Stop; nothing is wrong."""
+
+
+@dataclass
+class RunResult:
+    video_path: Path
+    sidecar_path: Path
+    latents_path: Path | None
+    request: GenerationRequest
+    plan: Plan
+    frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, int] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "gradio"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def sidecar_path(video_path: Path) -> Path:
+    return Path(video_path).with_suffix(".json")
+
+
+def latents_path(video_path: Path) -> Path:
+    return Path(video_path).with_suffix(LATENTS_SUFFIX)
+
+
+class Runner:
+    """Runs requests against a pipeline cache. One run at a time per runner (a lock)."""
+
+    def __init__(self, cache: PipelineCache | None = None, outputs_dir: str | Path = "outputs"):
+        self.cache = cache or PipelineCache()
+        self.outputs_dir = Path(outputs_dir)
+        self._lock = threading.Lock()
+
+    def default_output(self, request: GenerationRequest) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = self.outputs_dir / f"{stamp}_{request.task}_{request.seed}.mp4"
+        n = 1
+        while base.exists() or sidecar_path(base).exists():  # never overwrite a result
+            base = self.outputs_dir / f"{stamp}_{request.task}_{request.seed}-{n}.mp4"
+            n += 1
+        return base
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        out_path: str | Path | None = None,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> RunResult:
+        emit = on_progress or (lambda event: None)
+        with self._lock:
+            try:
+                return self._generate(request, out_path, emit, stop)
+            finally:
+                # 8. Per-run state is gone with this frame; give the memory back.
+                release_memory()
+
+    def _generate(self, request, out_path, emit, stop) -> RunResult:
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+
+        # 1. Check the request (RequestError names the bad value) before anything loads.
+        req = resolve_request(request)
+        spec = get_model_spec(req.model)
+        out = Path(out_path) if out_path else self.default_output(req)
+        inputs = self._read_inputs(req)
+
+        # 2. Plan memory: rung, precision, decode settings, with reasons.
+        plan = vram_utils.plan(req, spec)
+        logger.info("plan: %s", plan.summary)
+
+        # 3. Get the pipeline (lazy, LRU, shared parts).
+        emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
+        t0 = time.perf_counter()
+        pipe = self.cache.get(req.model, req.task, req.quant)
+        timings["load_s"] = time.perf_counter() - t0
+
+        # 4. Apply the plan (idempotent).
+        vram_utils.apply_plan(pipe, plan)
+        _check_stop(stop)
+
+        # 5. Denoise to latents.
+        emit(ProgressEvent("encoding", message="encoding prompt"))
+        t0 = time.perf_counter()
+        latents = self._denoise(pipe, req, spec.family, inputs, emit, stop)
+        timings["denoise_s"] = time.perf_counter() - t0
+        z = decode.to_vae_latents(pipe, latents, spec.family, req.frames)  # (B, C, F, H, W)
+        del latents
+
+        # 6. Latents on disk before decode: a decode failure costs only the decode.
+        lat_path = latents_path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_latents(lat_path, z, req)
+
+        # 7. Decode straight into the video file.
+        stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
+        del z
+        timings["decode_s"] = stats.seconds
+        timings["total_s"] = time.perf_counter() - t_start
+
+        emit(ProgressEvent("saving", message=f"saving {out.name}"))
+        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings)
+        result.measured = vram_utils_measured()
+        write_sidecar(result)
+        emit(ProgressEvent("done", message=str(out)))
+        return result
+
+    @staticmethod
+    def _read_inputs(req: GenerationRequest) -> dict:
+        if req.task == "i2v":
+            return {"image": load_image(req.image, req.width, req.height)}
+        if req.task == "v2v":
+            return {"video": load_video(req.video, req.frames, req.width, req.height), "strength": req.strength}
+        return {"num_frames": req.frames}
+
+    @staticmethod
+    def _denoise(pipe, req: GenerationRequest, family: str, inputs: dict, emit, stop) -> torch.Tensor:
+        total = req.steps
+        t_loop = [0.0]
+
+        def on_step_end(_pipe, i, _t, callback_kwargs):
+            now = time.perf_counter()
+            if i == 0:
+                t_loop[0] = now
+            done = i + 1
+            eta = (now - t_loop[0]) / i * (total - done) if i > 0 else None
+            emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}", eta))
+            _check_stop(stop)
+            return callback_kwargs
+
+        if family == "cogvideox":
+            max_seq = pipe.transformer.config.max_text_seq_length
+        else:
+            max_seq = min(512, int(pipe.tokenizer.model_max_length))
+        kwargs = dict(
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt or None,
+            height=req.height,
+            width=req.width,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            generator=torch.Generator("cpu").manual_seed(req.seed),
+            output_type="latent",
+            callback_on_step_end=on_step_end,
+            max_sequence_length=max_seq,
+            **inputs,
+        )
+        if req.task == "i2v":
+            kwargs["num_frames"] = req.frames
+        with torch.inference_mode():
+            return pipe(**kwargs).frames
+
+    @staticmethod
+    def _decode(vae, z, settings: DecodeSettings, out: Path, fps: int, emit, stop) -> decode.DecodeStats:
+        def on_chunk(j, m):
+            emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}"))
+            _check_stop(stop)
+
+        emit(ProgressEvent("decoding", 0, 0, "decoding"))
+        with decode.VideoWriter(out, fps) as writer:
+            return decode.stream_decode(vae, z, settings, writer, on_chunk=on_chunk, stop=stop)
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled("stopped by request")
+
+
+def vram_utils_measured() -> dict[str, int]:
+    import psutil
+
+    measured = {"rss_bytes": psutil.Process().memory_info().rss}
+    if torch.cuda.is_available():
+        measured["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return measured
+
+
+def save_latents(path: Path, z: torch.Tensor, req: GenerationRequest) -> Path:
+    tmp = decode.partial_path(path)
+    torch.save({"latents": z.detach().cpu(), "request": req.to_dict(), "format": 1}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def write_sidecar(result: RunResult) -> Path:
+    data = {
+        "video": result.video_path.name,
+        "latents": result.latents_path.name if result.latents_path else None,
+        "frames": result.frames,
+        "request": result.request.to_dict(),
+        "plan": result.plan.to_dict(),
+        "timings": result.timings,
+        "predicted": {
+            "peak_gpu_bytes": result.plan.predicted_peak_gpu_bytes,
+            "peak_host_bytes": result.plan.predicted_peak_host_bytes,
+        },
+        "measured": result.measured,
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    return decode.write_json_atomic(result.sidecar_path, data)
