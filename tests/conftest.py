@@ -1,0 +1,80 @@
+"""Shared test setup: an isolated FitVideo home (tiny models built once per checkout), offline hub."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FITVIDEO_HOME", str(ROOT / ".cache" / "test-home"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def read_video(path) -> "np.ndarray":
+    """All frames of a video file as (T, H, W, 3) uint8."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return np.stack([frame for frame in reader])
+    finally:
+        reader.close()
+
+
+def video_fps(path) -> float:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(str(path), format="FFMPEG")
+    try:
+        return float(reader.get_meta_data()["fps"])
+    finally:
+        reader.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Both tiny models written to disk once (save_pretrained), returned as name -> folder."""
+    from pipeline_utils.tiny import TINY_NAMES, ensure_tiny_model
+
+    return {name: ensure_tiny_model(name) for name in TINY_NAMES}
+
+
+@pytest.fixture
+def runner(tmp_path, tiny_models):
+    from pipeline_utils.cache import PipelineCache
+    from pipeline_utils.runner import Runner
+
+    return Runner(PipelineCache(max_size=2), outputs_dir=tmp_path / "outputs")
+
+
+@pytest.fixture
+def sample_image(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "input.png"
+    Image.fromarray((np.random.RandomState(0).rand(40, 48, 3) * 255).astype("uint8")).save(path)
+    return path
+
+
+@pytest.fixture
+def sample_video(tmp_path):
+    """A 9-frame 32x32 mp4 (moving gradient)."""
+    import numpy as np
+
+    from decode.writer import VideoWriter
+
+    path = tmp_path / "input.mp4"
+    t = np.arange(9)[:, None, None, None]
+    y = np.arange(32)[None, :, None, None]
+    x = np.arange(32)[None, None, :, None]
+    frames = ((x * 8 + y * 4 + t * 20 + np.arange(3) * 60) % 256).astype("uint8")
+    with VideoWriter(path, fps=8) as writer:
+        writer.write(frames)
+    return path
