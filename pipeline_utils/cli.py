@@ -139,4 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # RunFailed and anything unexpected: one line here, the trace in the log
+        logger.debug("run failed", exc_info=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 1

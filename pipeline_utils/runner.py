@@ -18,7 +18,7 @@ import torch
 
 import decode
 import vram_utils
-from configs.schema import DecodeSettings, GenerationRequest, Plan, get_model_spec, resolve_request
+from configs.schema import DecodeSettings, GenerationRequest, Plan, RequestError, get_model_spec, resolve_request
 from pipeline_utils.cache import PipelineCache, release_memory
 from pipeline_utils.media import load_image, load_video
 
@@ -41,6 +41,10 @@ class Cancelled(Exception):
     """The person pressed Stop; nothing is wrong."""
 
 
+class RunFailed(RuntimeError):
+    """A run could not finish for a reason outside the request (disk full, ...). The message says what to do."""
+
+
 @dataclass
 class RunResult:
     video_path: Path
@@ -51,6 +55,7 @@ class RunResult:
     frames: int
     timings: dict[str, float] = field(default_factory=dict)
     measured: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def versions() -> dict[str, str]:
@@ -97,7 +102,7 @@ class Runner:
         on_progress: Callable[[ProgressEvent], None] | None = None,
         stop: threading.Event | None = None,
     ) -> RunResult:
-        emit = on_progress or (lambda event: None)
+        emit = _safe_emitter(on_progress)
         with self._lock:
             try:
                 return self._generate(request, out_path, emit, stop)
@@ -113,7 +118,9 @@ class Runner:
         req = resolve_request(request)
         spec = get_model_spec(req.model)
         out = Path(out_path) if out_path else self.default_output(req)
+        check_writable(out.parent)
         inputs = self._read_inputs(req)
+        warnings: list[str] = []
 
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         plan = vram_utils.plan(req, spec)
@@ -131,6 +138,7 @@ class Runner:
 
         # 5. Denoise to latents.
         emit(ProgressEvent("encoding", message="encoding prompt"))
+        warnings += prompt_warnings(pipe, req, spec.family)
         t0 = time.perf_counter()
         latents = self._denoise(pipe, req, spec.family, inputs, emit, stop)
         timings["denoise_s"] = time.perf_counter() - t0
@@ -143,13 +151,19 @@ class Runner:
         save_latents(lat_path, z, req)
 
         # 7. Decode straight into the video file.
-        stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
+        try:
+            stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
+        except OSError as exc:
+            raise RunFailed(
+                f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. The latents are "
+                f"saved at {lat_path}: free space, then `python app.py decode --latents {lat_path} --out {out}`"
+            ) from exc
         del z
         timings["decode_s"] = stats.seconds
         timings["total_s"] = time.perf_counter() - t_start
 
         emit(ProgressEvent("saving", message=f"saving {out.name}"))
-        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings)
+        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
         result.measured = vram_utils_measured()
         write_sidecar(result)
         emit(ProgressEvent("done", message=str(out)))
@@ -178,10 +192,6 @@ class Runner:
             _check_stop(stop)
             return callback_kwargs
 
-        if family == "cogvideox":
-            max_seq = pipe.transformer.config.max_text_seq_length
-        else:
-            max_seq = min(512, int(pipe.tokenizer.model_max_length))
         kwargs = dict(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt or None,
@@ -192,7 +202,7 @@ class Runner:
             generator=torch.Generator("cpu").manual_seed(req.seed),
             output_type="latent",
             callback_on_step_end=on_step_end,
-            max_sequence_length=max_seq,
+            max_sequence_length=max_sequence_length(pipe, family),
             **inputs,
         )
         if req.task == "i2v":
@@ -209,6 +219,53 @@ class Runner:
         emit(ProgressEvent("decoding", 0, 0, "decoding"))
         with decode.VideoWriter(out, fps) as writer:
             return decode.stream_decode(vae, z, settings, writer, on_chunk=on_chunk, stop=stop)
+
+
+def _safe_emitter(on_progress: Callable[[ProgressEvent], None] | None) -> Callable[[ProgressEvent], None]:
+    """Progress is for display: a failing progress callback must not cost the person their run."""
+
+    def emit(event: ProgressEvent) -> None:
+        if on_progress is None:
+            return
+        try:
+            on_progress(event)
+        except Cancelled:
+            raise
+        except Exception:
+            logger.exception("progress callback failed at %s; the run goes on", event.stage)
+
+    return emit
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if results cannot be written (a file in the way, permissions, read-only disk)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise RequestError(
+            f"outputs folder {str(folder)!r} is not writable ({exc.strerror or exc}); choose another with --outputs-dir"
+        ) from exc
+
+
+def prompt_warnings(pipe, req: GenerationRequest, family: str) -> list[str]:
+    """Warn (the pipeline truncates) when the prompt is longer than the text encoder reads."""
+    limit = max_sequence_length(pipe, family)
+    count = len(pipe.tokenizer(req.prompt, truncation=False).input_ids)
+    if count <= limit:
+        return []
+    message = f"prompt has {count} tokens; the text encoder reads {limit}, so the rest is cut off"
+    logger.warning(message)
+    return [message]
+
+
+def max_sequence_length(pipe, family: str) -> int:
+    if family == "cogvideox":  # must equal the transformer's max_text_seq_length
+        return int(pipe.transformer.config.max_text_seq_length)
+    return min(512, int(pipe.tokenizer.model_max_length))
 
 
 def _check_stop(stop: threading.Event | None) -> None:
@@ -245,6 +302,7 @@ def write_sidecar(result: RunResult) -> Path:
             "peak_host_bytes": result.plan.predicted_peak_host_bytes,
         },
         "measured": result.measured,
+        "warnings": result.warnings,
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
