@@ -21,6 +21,7 @@ import vram_utils
 from configs.schema import DecodeSettings, GenerationRequest, Plan, RequestError, get_model_spec, resolve_request
 from pipeline_utils.cache import PipelineCache, release_memory
 from pipeline_utils.media import load_image, load_video
+from pipeline_utils.recovery import StepDown, is_oom, step_down
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     measured: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
 
 
 def versions() -> dict[str, str]:
@@ -84,6 +86,7 @@ class Runner:
     def __init__(self, cache: PipelineCache | None = None, outputs_dir: str | Path = "outputs"):
         self.cache = cache or PipelineCache()
         self.outputs_dir = Path(outputs_dir)
+        self.fault_hook: Callable[[str, int], None] | None = None  # tests inject failures here
         self._lock = threading.Lock()
 
     def default_output(self, request: GenerationRequest) -> Path:
@@ -126,48 +129,86 @@ class Runner:
         plan = vram_utils.plan(req, spec)
         logger.info("plan: %s", plan.summary)
 
-        # 3. Get the pipeline (lazy, LRU, shared parts).
-        emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
-        t0 = time.perf_counter()
-        pipe = self.cache.get(req.model, req.task, req.quant)
-        timings["load_s"] = time.perf_counter() - t0
-
-        # 4. Apply the plan (idempotent).
-        vram_utils.apply_plan(pipe, plan)
-        _check_stop(stop)
-
-        # 5. Denoise to latents.
-        emit(ProgressEvent("encoding", message="encoding prompt"))
-        warnings += prompt_warnings(pipe, req, spec.family)
-        t0 = time.perf_counter()
-        latents = self._denoise(pipe, req, spec.family, inputs, emit, stop)
-        timings["denoise_s"] = time.perf_counter() - t0
-        z = decode.to_vae_latents(pipe, latents, spec.family, req.frames)  # (B, C, F, H, W)
-        del latents
-
-        # 6. Latents on disk before decode: a decode failure costs only the decode.
         lat_path = latents_path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_latents(lat_path, z, req)
+        z = None  # latents in VAE space once denoising is done: the last safe point
+        step_downs: list[StepDown] = []
+        stage: list[str] = ["loading"]  # where we are, for the recovery ladder
+        while True:
+            try:
+                # 3. Get the pipeline (lazy, LRU, shared parts).
+                stage[0] = "loading"
+                emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
+                t0 = time.perf_counter()
+                pipe = self.cache.get(req.model, req.task, req.quant)
+                timings.setdefault("load_s", time.perf_counter() - t0)
 
-        # 7. Decode straight into the video file.
-        try:
-            stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
-        except OSError as exc:
-            raise RunFailed(
-                f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. The latents are "
-                f"saved at {lat_path}: free space, then `python app.py decode --latents {lat_path} --out {out}`"
-            ) from exc
+                # 4. Apply the plan (idempotent: a step-down re-applies it).
+                vram_utils.apply_plan(pipe, plan)
+                _check_stop(stop)
+
+                if z is None:
+                    # 5. Denoise to latents; after an OOM it restarts with the same seed.
+                    stage[0] = "encoding"
+                    emit(ProgressEvent("encoding", message="encoding prompt"))
+                    if not warnings:
+                        warnings += prompt_warnings(pipe, req, spec.family)
+                    self._fault("encoding", 0)
+                    t0 = time.perf_counter()
+                    latents = self._denoise(pipe, req, spec.family, inputs, emit, stop, stage)
+                    timings["denoise_s"] = time.perf_counter() - t0
+                    z = decode.to_vae_latents(pipe, latents, spec.family, req.frames)  # (B, C, F, H, W)
+                    del latents
+
+                    # 6. Latents on disk before decode: a decode failure costs only the decode.
+                    _save_or_fail(lat_path, z, req)
+
+                # 7. Decode straight into the video file.
+                stage[0] = "decoding"
+                stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    if isinstance(exc, OSError):
+                        raise RunFailed(
+                            f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. "
+                            f"The latents are saved at {lat_path}: free space, then "
+                            f"`python app.py decode --latents {lat_path} --out {out}`"
+                        ) from exc
+                    raise
+                plan = self._step_down(exc, plan, stage[0], step_downs, req, spec, emit)
+                exc = None  # drop the traceback: it pins the failed attempt's tensors
+                release_memory()
         del z
         timings["decode_s"] = stats.seconds
         timings["total_s"] = time.perf_counter() - t_start
 
         emit(ProgressEvent("saving", message=f"saving {out.name}"))
         result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
+        result.step_downs = [s.to_dict() for s in step_downs]
         result.measured = vram_utils_measured()
         write_sidecar(result)
         emit(ProgressEvent("done", message=str(out)))
         return result
+
+    def _fault(self, stage: str, index: int) -> None:
+        """Test hook: `runner.fault_hook(stage, index)` may raise (e.g. an injected OOM)."""
+        if self.fault_hook is not None:
+            self.fault_hook(stage, index)
+
+    @staticmethod
+    def _step_down(exc, plan: Plan, stage: str, step_downs: list, req, spec, emit) -> Plan:
+        nxt = step_down(plan, stage, torch.cuda.is_available())
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if nxt is None:
+            tried = "; ".join(s.change for s in step_downs) or "nothing lower was left"
+            raise RunFailed(
+                f"out of memory while {stage} ({error}). Tried: {tried}. To fit: {fit_suggestion(req, spec)}"
+            ) from exc
+        plan, change = nxt
+        step_downs.append(StepDown(stage, error, change))
+        logger.warning("out of memory while %s; retrying with %s", stage, change)
+        emit(ProgressEvent(stage, message=f"out of memory while {stage}: retrying with {change}"))
+        return plan
 
     @staticmethod
     def _read_inputs(req: GenerationRequest) -> dict:
@@ -177,8 +218,7 @@ class Runner:
             return {"video": load_video(req.video, req.frames, req.width, req.height), "strength": req.strength}
         return {"num_frames": req.frames}
 
-    @staticmethod
-    def _denoise(pipe, req: GenerationRequest, family: str, inputs: dict, emit, stop) -> torch.Tensor:
+    def _denoise(self, pipe, req: GenerationRequest, family: str, inputs: dict, emit, stop, stage) -> torch.Tensor:
         total = req.steps
         t_loop = [0.0]
 
@@ -188,7 +228,9 @@ class Runner:
                 t_loop[0] = now
             done = i + 1
             eta = (now - t_loop[0]) / i * (total - done) if i > 0 else None
+            stage[0] = "denoising"
             emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}", eta))
+            self._fault("denoising", done)
             _check_stop(stop)
             return callback_kwargs
 
@@ -210,10 +252,10 @@ class Runner:
         with torch.inference_mode():
             return pipe(**kwargs).frames
 
-    @staticmethod
-    def _decode(vae, z, settings: DecodeSettings, out: Path, fps: int, emit, stop) -> decode.DecodeStats:
+    def _decode(self, vae, z, settings: DecodeSettings, out: Path, fps: int, emit, stop) -> decode.DecodeStats:
         def on_chunk(j, m):
             emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}"))
+            self._fault("decoding", j)
             _check_stop(stop)
 
         emit(ProgressEvent("decoding", 0, 0, "decoding"))
@@ -282,6 +324,30 @@ def vram_utils_measured() -> dict[str, int]:
     return measured
 
 
+def _save_or_fail(path: Path, z: torch.Tensor, req: GenerationRequest) -> None:
+    try:
+        save_latents(path, z, req)
+    except OSError as exc:
+        decode.partial_path(path).unlink(missing_ok=True)
+        raise RunFailed(f"could not save the latents to {path} ({exc.strerror or exc}); free space and run again") from exc
+
+
+def fit_suggestion(req: GenerationRequest, spec) -> str:
+    """What would make the request fit: fewer frames, a smaller model of the same task."""
+    from configs.schema import load_registry
+
+    fewer = spec.snap_frames(max(1, (req.frames - 1) // 2 + 1))
+    parts = [f"fewer frames (e.g. --frames {fewer})"] if fewer < req.frames else []
+    smaller = [
+        m.id for m in load_registry().values()
+        if req.task in m.tasks and not m.tiny and m.family == spec.family and sum(m.params.values()) < sum(spec.params.values())
+    ]
+    if smaller:
+        parts.append(f"a smaller model ({smaller[0]})")
+    parts.append(f"a smaller size than {req.height}x{req.width}")
+    return ", or ".join(parts)
+
+
 def save_latents(path: Path, z: torch.Tensor, req: GenerationRequest) -> Path:
     tmp = decode.partial_path(path)
     torch.save({"latents": z.detach().cpu(), "request": req.to_dict(), "format": 1}, tmp)
@@ -303,6 +369,7 @@ def write_sidecar(result: RunResult) -> Path:
         },
         "measured": result.measured,
         "warnings": result.warnings,
+        "step_downs": result.step_downs,
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
