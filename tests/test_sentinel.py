@@ -1,0 +1,29 @@
+"""The leak sentinel catches memory that does not come back, names the holder, and ignores cached weights."""
+from __future__ import annotations
+
+import torch
+
+from vram_utils.sentinel import LeakSentinel
+
+
+def test_a_held_tensor_is_reported_with_its_shape_and_a_released_one_is_not():
+    sentinel = LeakSentinel()
+    token = sentinel.before()
+    hoard = [torch.ones(64, 1024, 1024)]  # 256 MiB nobody should keep
+    leaked = sentinel.after(token, "leaky run")
+    assert leaked.leaked and leaked.delta_bytes > 200 * 2**20
+    assert any("(64, 1024, 1024)" in h for h in leaked.holders)
+    hoard.clear()
+    token = sentinel.before()
+    clean = sentinel.after(token, "clean run")
+    assert not clean.leaked and abs(clean.delta_bytes) < sentinel.host_threshold_bytes
+    assert [r.label for r in sentinel.history] == ["leaky run", "clean run"]
+
+
+def test_weights_the_cache_holds_are_not_a_leak():
+    kept: list[torch.Tensor] = []
+    sentinel = LeakSentinel(held_bytes=lambda device: sum(t.numel() * t.element_size() for t in kept))
+    token = sentinel.before()
+    kept.append(torch.ones(32, 1024, 1024))  # 128 MiB loaded into the "cache" during the run
+    report = sentinel.after(token, "first load")
+    assert not report.leaked, report.line()

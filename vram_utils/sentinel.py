@@ -1,0 +1,121 @@
+"""The leak sentinel: memory must return to its baseline after every run, failed or not.
+
+Before a run it notes the "unexplained" bytes — allocated GPU bytes (or process RSS
+without a GPU) minus the weights the pipeline cache legitimately holds there — and
+after the run, once memory has been released, it compares. Growth past a threshold
+is logged as a warning with the largest live tensors that nobody should be holding.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GPU_THRESHOLD_BYTES = 32 * 2**20
+# RSS moves with the allocator's free lists and ffmpeg/Python caches; growth under this is noise here.
+HOST_THRESHOLD_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LeakReport:
+    label: str
+    metric: str  # "gpu_allocated" or "host_rss"
+    before_bytes: int
+    after_bytes: int
+    threshold_bytes: int
+    holders: tuple[str, ...] = ()
+    at: float = 0.0
+
+    @property
+    def delta_bytes(self) -> int:
+        return self.after_bytes - self.before_bytes
+
+    @property
+    def leaked(self) -> bool:
+        return self.delta_bytes > self.threshold_bytes
+
+    def line(self) -> str:
+        mib = self.delta_bytes / 2**20
+        verdict = "LEAK" if self.leaked else "ok"
+        return f"{self.label}: {self.metric} {mib:+.1f} MiB vs baseline ({verdict})"
+
+
+def trim_host_memory() -> None:
+    """Give freed heap pages back to the OS, so RSS reflects what is really held (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    trim_host_memory()
+
+
+def _raw_bytes() -> tuple[str, int]:
+    if torch.cuda.is_available():
+        return "gpu_allocated", torch.cuda.memory_allocated()
+    import psutil
+
+    return "host_rss", psutil.Process().memory_info().rss
+
+
+def largest_live_tensors(device_type: str, exclude_ids: set[int], top: int = 3) -> tuple[str, ...]:
+    """The biggest tensors alive on `device_type` that are not cached weights: the likely holders."""
+    found = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == device_type and id(obj) not in exclude_ids:
+                found.append((obj.numel() * obj.element_size(), tuple(obj.shape), str(obj.dtype)))
+        except Exception:  # objects that fail isinstance/attribute access mid-teardown
+            continue
+    found.sort(reverse=True)
+    return tuple(f"{shape} {dtype} ({nbytes / 2**20:.1f} MiB)" for nbytes, shape, dtype in found[:top])
+
+
+class LeakSentinel:
+    """`token = sentinel.before()` ... `report = sentinel.after(token, label)`; `history` keeps the last reports."""
+
+    def __init__(self, held_bytes: Callable[[str], int] | None = None, history: int = 20,
+                 gpu_threshold_bytes: int = GPU_THRESHOLD_BYTES, host_threshold_bytes: int = HOST_THRESHOLD_BYTES):
+        # held_bytes(device_type) -> bytes of cached weights on that device (legitimately kept between runs)
+        self.held_bytes = held_bytes or (lambda device_type: 0)
+        self.gpu_threshold_bytes = gpu_threshold_bytes
+        self.host_threshold_bytes = host_threshold_bytes
+        self.history: collections.deque[LeakReport] = collections.deque(maxlen=history)
+
+    def measure(self) -> tuple[str, int]:
+        """(metric, bytes not explained by cached weights), after releasing what can be released."""
+        _release()
+        metric, raw = _raw_bytes()
+        return metric, raw - self.held_bytes("cuda" if metric == "gpu_allocated" else "cpu")
+
+    def before(self) -> tuple[str, int]:
+        return self.measure()
+
+    def after(self, token: tuple[str, int], label: str, weight_ids: set[int] | None = None) -> LeakReport:
+        metric, before = token
+        _, after = self.measure()
+        threshold = self.gpu_threshold_bytes if metric == "gpu_allocated" else self.host_threshold_bytes
+        report = LeakReport(label, metric, before, after, threshold, at=time.time())
+        if report.leaked:
+            device_type = "cuda" if metric == "gpu_allocated" else "cpu"
+            holders = largest_live_tensors(device_type, weight_ids or set())
+            report = LeakReport(label, metric, before, after, threshold, holders, report.at)
+            logger.warning("%s; largest live tensors: %s", report.line(), "; ".join(holders) or "none found")
+        else:
+            logger.debug(report.line())
+        self.history.append(report)
+        return report
