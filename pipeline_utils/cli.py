@@ -19,6 +19,12 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Import-time chatter that says nothing to a user: torchao's CUDA-only kernels failing to load on
+    # this Python, and torch's deprecation notice about torchao's enums. Set before diffusers imports them.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog

@@ -162,7 +162,7 @@ def load_shared_pipeline(
         f", sharing {', '.join(sorted(shared))}" if shared else "",
     )
     try:
-        pipe = cls.from_pretrained(str(source.folder or source.repo), torch_dtype=torch_dtype, **shared)
+        pipe = cls.from_pretrained(str(source.folder or source.repo), dtype=torch_dtype, **shared)
     except (OSError, ValueError) as exc:
         if source.folder is None:  # a download was attempted and failed (no network, gated repo, ...)
             raise _unavailable(model, source.repo, spec, f"download failed ({type(exc).__name__}: {exc})") from exc
