@@ -154,6 +154,14 @@ class Plan:
     stages: dict[str, int] = field(default_factory=dict)  # stage -> predicted peak GPU bytes
     reasons: tuple[str, ...] = ()
     summary: str = ""
+    # Added by the memory engine. `stages` holds the peak on the device that computes: the GPU, or host
+    # RAM when `device` is "cpu".
+    device: str = "cpu"  # "cuda:<index>" or "cpu"
+    fits: bool = True  # False: nothing fits; the plan is the lowest rung and the suggestions say what would
+    budget_bytes: int = 0  # free bytes the plan was fitted into (margin already taken off)
+    peak_stage: str = ""  # the stage that sets the peak
+    suggested_frames: int | None = None  # the largest frame count that fits, when the request does not
+    suggested_model: str | None = None  # a smaller registry model that fits, when the request does not
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)

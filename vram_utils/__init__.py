@@ -1,42 +1,36 @@
-"""Device probe, memory planner and offload application.
+"""Memory engine: device probe, estimator and planner (pure), applying offload, the leak sentinel.
 
-Starting point from the "Runnable base" issue: the real planner, probe and
-offload ladder land with the "Memory engine" issue. Nothing here touches a GPU
-at import time.
+Public API:
+  probe() -> DeviceInfo, PeakMeter                     what the machine has; measured peaks
+  plan(request, spec, device=None) -> Plan             the fastest rung that fits, with reasons
+  apply_plan(pipe, plan)                               idempotent placement (offload rung, VAE tiling)
+  tensor_bytes(t), module_bytes(m)                     storage bytes, torchao subclasses included
+  seed 003: get_gpu_memory_info, log_vram_status, check_vram_availability,
+            get_recommended_offload_strategy, apply_offload_strategy, configure_vae_tiling
+
+Nothing here touches a GPU or loads a model at import time.
 """
-from __future__ import annotations
-
-import logging
-
-import torch
-
-from configs.schema import GenerationRequest, ModelSpec, Plan
-
-logger = logging.getLogger(__name__)
-
-
-def tensor_bytes(t: torch.Tensor) -> int:
-    """Real storage bytes of a tensor (quantized tensor subclasses report their own)."""
-    return t.numel() * t.element_size()
-
-
-def plan(request: GenerationRequest, spec: ModelSpec, device=None) -> Plan:
-    offload = "none" if request.offload == "auto" else request.offload
-    return Plan(
-        offload=offload,
-        quant=request.quant,
-        decode=request.decode,
-        reasons=(f"offload {offload}: as requested" if request.offload != "auto" else "offload none: default",),
-        summary=f"offload {offload}, tiling {'on' if request.decode.enable_vae_tiling else 'off'}",
-    )
-
-
-def execution_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def apply_plan(pipe, plan: Plan) -> None:
-    """Put the pipeline where the plan says (only 'none' in this starting point)."""
-    if plan.offload != "none":
-        raise NotImplementedError(f"offload {plan.offload!r} lands with the memory engine")
-    pipe.to(execution_device())
+from vram_utils.estimate import LADDER, Estimate, StageEstimate, Workload, workload_for  # noqa: F401
+from vram_utils.offload import (  # noqa: F401
+    apply_offload_strategy,
+    apply_plan,
+    configure_vae_tiling,
+    execution_device,
+    placed_as,
+    remove_all_offload,
+)
+from vram_utils.planner import (  # noqa: F401
+    check_vram_availability,
+    get_recommended_offload_strategy,
+    plan,
+    plan_for,
+)
+from vram_utils.probe import (  # noqa: F401
+    DeviceInfo,
+    GpuInfo,
+    PeakMeter,
+    get_gpu_memory_info,
+    log_vram_status,
+    probe,
+)
+from vram_utils.sizes import module_bytes, release_memory, tensor_bytes, trim_host_heap  # noqa: F401

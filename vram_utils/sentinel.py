@@ -8,7 +8,6 @@ is logged as a warning with the largest live tensors that nobody should be holdi
 from __future__ import annotations
 
 import collections
-import ctypes
 import gc
 import logging
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from vram_utils.sizes import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +49,10 @@ class LeakReport:
         return f"{self.label}: {self.metric} {mib:+.1f} MiB vs baseline ({verdict})"
 
 
-def trim_host_memory() -> None:
-    """Give freed heap pages back to the OS, so RSS reflects what is really held (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _release() -> None:
-    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    trim_host_memory()
+    release_memory()
 
 
 def _raw_bytes() -> tuple[str, int]:

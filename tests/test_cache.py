@@ -1,0 +1,121 @@
+"""The pipeline cache: lazy, LRU within MAX_CACHE_SIZE, shared parts are the same objects, eviction frees."""
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+import pipeline_utils
+import vram_utils
+from pipeline_utils.cache import PipelineCache
+
+
+def param_ptrs(*pipes) -> set[int]:
+    return {
+        p.data_ptr()
+        for pipe in pipes
+        for c in pipe.components.values()
+        if isinstance(c, torch.nn.Module)
+        for p in c.parameters()
+    }
+
+
+def test_nothing_loads_until_asked_and_a_hit_loads_nothing(tiny_models):
+    cache = PipelineCache(max_size=2)
+    assert cache.loads == 0 and len(cache) == 0 and cache.total_bytes() == 0
+    first = cache.get("tiny-cogvideox", "t2v")
+    again = cache.get("tiny-cogvideox", "t2v")
+    assert again is first and cache.loads == 1
+    assert cache.keys() == [("tiny-cogvideox", "t2v", "none")]
+
+
+def test_v2v_from_a_cached_t2v_shares_every_weight_and_adds_no_parameter_bytes(tiny_models):
+    cache = PipelineCache(max_size=2)
+    t2v = cache.get("tiny-cogvideox", "t2v")
+    bytes_t2v, ptrs_t2v = cache.total_bytes(), param_ptrs(t2v)
+    v2v = cache.get("tiny-cogvideox", "v2v")
+    assert type(v2v).__name__ == "CogVideoXVideoToVideoPipeline" and cache.loads == 2
+    for comp in ("transformer", "vae", "text_encoder", "tokenizer"):
+        assert getattr(v2v, comp) is getattr(t2v, comp), comp
+    assert v2v.scheduler is not t2v.scheduler  # per-run state is never shared
+    assert param_ptrs(v2v) <= ptrs_t2v and cache.total_bytes() == bytes_t2v > 0
+    assert {r["task"]: sorted(r["shared"]) for r in cache.info()}["v2v"] == ["text_encoder", "tokenizer", "transformer", "vae"]
+
+
+@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-wan"])
+def test_i2v_reuses_the_vae_and_text_encoder_but_not_the_transformer(tiny_models, model):
+    cache = PipelineCache(max_size=2)
+    t2v = cache.get(model, "t2v")
+    before = cache.total_bytes()
+    i2v = cache.get(model, "i2v")
+    assert i2v.vae is t2v.vae and i2v.text_encoder is t2v.text_encoder
+    assert i2v.transformer is not t2v.transformer  # more input channels: different weights
+    added = cache.total_bytes() - before
+    own = vram_utils.module_bytes(i2v.transformer) + vram_utils.module_bytes(getattr(i2v, "image_encoder", None))
+    assert added == own > 0
+
+
+def test_the_least_recently_used_pipeline_goes_first_and_max_cache_size_holds(tiny_models, monkeypatch):
+    cache = PipelineCache(max_size=2)
+    cache.get("tiny-cogvideox", "t2v")
+    cache.get("tiny-wan", "t2v")
+    cache.get("tiny-cogvideox", "t2v")  # now the most recent
+    cache.get("tiny-wan", "i2v")
+    assert cache.keys() == [("tiny-cogvideox", "t2v", "none"), ("tiny-wan", "i2v", "none")]
+    assert len(cache) == 2 and cache.loads == 3
+    monkeypatch.setattr(pipeline_utils, "MAX_CACHE_SIZE", 1)  # what --max-cache-size sets
+    small = PipelineCache()
+    small.get("tiny-cogvideox", "t2v")
+    small.get("tiny-wan", "t2v")
+    assert small.max_size == 1 and small.keys() == [("tiny-wan", "t2v", "none")]
+
+
+def test_eviction_frees_what_no_cached_pipeline_uses_and_keeps_what_one_still_does(tiny_models):
+    cache = PipelineCache(max_size=2)
+    t2v = cache.get("tiny-wan", "t2v")
+    vae, transformer = weakref.ref(t2v.vae), weakref.ref(t2v.transformer)
+    transformer_bytes = vram_utils.module_bytes(t2v.transformer)
+    i2v = cache.get("tiny-wan", "i2v")  # shares the VAE and text encoder with the t2v
+    # model offload chains each hook to the previous component: after eviction those hooks must not
+    # keep the t2v's own transformer alive through the shared VAE
+    vram_utils.apply_offload_strategy(t2v, "model", "cpu")
+    del t2v
+    freed = cache.unload("tiny-wan", "t2v")
+    gc.collect()
+    assert transformer() is None and freed == transformer_bytes
+    assert vae() is i2v.vae  # the i2v still uses it
+    assert not hasattr(i2v.vae, "_hf_hook") and vram_utils.placed_as(i2v) is None  # re-placed before its run
+    del i2v
+    assert cache.unload_all() > 0 and len(cache) == 0
+    gc.collect()
+    assert vae() is None
+
+
+def test_evicting_over_the_limit_releases_the_pipeline(tiny_models):
+    cache = PipelineCache(max_size=1)
+    first = weakref.ref(cache.get("tiny-cogvideox", "t2v"))
+    cache.get("tiny-wan", "t2v")  # evicts the CogVideoX pipeline: nothing shared across families
+    gc.collect()
+    assert first() is None and cache.keys() == [("tiny-wan", "t2v", "none")]
+
+
+def test_concurrent_gets_of_one_pipeline_load_it_once(tiny_models):
+    cache = PipelineCache(max_size=2)
+    got, errors = [], []
+
+    def worker():
+        try:
+            got.append(cache.get("tiny-cogvideox", "t2v"))
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 4 and all(p is got[0] for p in got)
+    assert cache.loads == 1
