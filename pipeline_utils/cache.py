@@ -9,7 +9,6 @@ pipeline frees only what no other cached pipeline still uses.
 from __future__ import annotations
 
 import collections
-import gc
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ import torch
 import pipeline_utils
 from configs.schema import load_registry
 from pipeline_utils.loaders import load_shared_pipeline, resolve_dtype
+from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,6 @@ class CacheEntry:
     weight_keys: dict[str, str]  # component name -> weight identity
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
-
-
-def module_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers (0 for non-modules such as tokenizers)."""
-    if not isinstance(module, torch.nn.Module):
-        return 0
-    from vram_utils import tensor_bytes
-
-    return sum(tensor_bytes(t) for t in module.parameters()) + sum(tensor_bytes(t) for t in module.buffers())
 
 
 def weight_key(model: str, task: str, component: str, dtype: torch.dtype, quant: str) -> str:
@@ -108,6 +99,24 @@ class PipelineCache:
                     seen.setdefault(wk, module_bytes(getattr(entry.pipe, comp, None)))
             return sum(seen.values())
 
+    def weights_on(self, device_type: str) -> tuple[int, set[int]]:
+        """(bytes, tensor ids) of cached weights resting on `device_type` ("cpu" / "cuda"), each tensor once.
+
+        What the cache legitimately keeps between runs; the leak sentinel counts the rest.
+        """
+        from vram_utils import tensor_bytes
+
+        with self._lock:
+            seen: dict[int, int] = {}
+            for entry in self._entries.values():
+                for comp in entry.weight_keys:
+                    module = getattr(entry.pipe, comp, None)
+                    if isinstance(module, torch.nn.Module):
+                        for t in list(module.parameters()) + list(module.buffers()):
+                            if t.device.type == device_type and id(t) not in seen:
+                                seen[id(t)] = tensor_bytes(t)
+            return sum(seen.values()), set(seen)
+
     def _users(self, wk: str) -> int:
         return sum(wk in e.weight_keys.values() for e in self._entries.values())
 
@@ -160,7 +169,13 @@ class PipelineCache:
             for comp, wk in entry.weight_keys.items()
             if self._users(wk) == 0
         )
-        _remove_hooks(entry.pipe)
+        still_used = [
+            getattr(other.pipe, comp)
+            for other in self._entries.values()
+            for comp in other.weight_keys
+            if isinstance(getattr(other.pipe, comp, None), torch.nn.Module)
+        ]
+        _remove_hooks(entry.pipe, still_used)
         del entry
         release_memory()
         logger.info("unloaded %s (%.1f MiB no longer used by any cached pipeline)", key, freed / 2**20)
@@ -177,17 +192,10 @@ class PipelineCache:
             return sum(self._drop(k) for k in list(self._entries))
 
 
-def _remove_hooks(pipe) -> None:
-    """Offload hooks hold references to modules; remove them so the memory can go."""
-    remove = getattr(pipe, "remove_all_hooks", None)
-    if callable(remove):
-        try:
-            remove()
-        except Exception:  # a pipeline without hooks, or a shared module still used elsewhere
-            logger.debug("remove_all_hooks failed", exc_info=True)
+def _remove_hooks(pipe, still_used: list) -> None:
+    """Offload hooks hold references to modules (model offload chains each hook to the previous
+    component); remove them so the memory can go. Hooks on a module another cached pipeline still
+    uses stay, unless this pipeline placed them (that pipeline re-applies its plan before its run)."""
+    from vram_utils.offload import detach_pipeline
 
-
-def release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    detach_pipeline(pipe, still_used)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -17,9 +18,12 @@ from typing import Callable, Literal
 import torch
 
 import decode
+import quant
 import vram_utils
 from configs.schema import DecodeSettings, GenerationRequest, Plan, RequestError, get_model_spec, resolve_request
-from pipeline_utils.cache import PipelineCache, release_memory
+from pipeline_utils.cache import PipelineCache
+from vram_utils import release_memory
+from vram_utils.sentinel import LeakReport, LeakSentinel
 from pipeline_utils.media import load_image, load_video
 from pipeline_utils.recovery import StepDown, is_oom, step_down
 
@@ -58,6 +62,7 @@ class RunResult:
     measured: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
+    quant: dict | None = None  # what quantization did (bytes before/after, fallback reason)
 
 
 def versions() -> dict[str, str]:
@@ -87,6 +92,8 @@ class Runner:
         self.cache = cache or PipelineCache()
         self.outputs_dir = Path(outputs_dir)
         self.fault_hook: Callable[[str, int], None] | None = None  # tests inject failures here
+        self.sentinel = LeakSentinel(held_bytes=lambda device_type: self.cache.weights_on(device_type)[0])
+        self.last_leak: LeakReport | None = None
         self._lock = threading.Lock()
 
     def default_output(self, request: GenerationRequest) -> Path:
@@ -107,11 +114,17 @@ class Runner:
     ) -> RunResult:
         emit = _safe_emitter(on_progress)
         with self._lock:
+            baseline = self.sentinel.before()
             try:
                 return self._generate(request, out_path, emit, stop)
             finally:
-                # 8. Per-run state is gone with this frame; give the memory back.
+                # 8. Per-run state is gone with this frame; give the memory back and check it came back.
                 release_memory()
+                device_type = "cuda" if baseline[0] == "gpu_allocated" else "cpu"
+                self.last_leak = self.sentinel.after(
+                    baseline, f"{request.task} {request.model} seed {request.seed}",
+                    weight_ids=self.cache.weights_on(device_type)[1],
+                )
 
     def _generate(self, request, out_path, emit, stop) -> RunResult:
         timings: dict[str, float] = {}
@@ -128,18 +141,53 @@ class Runner:
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         plan = vram_utils.plan(req, spec)
         logger.info("plan: %s", plan.summary)
+        if not plan.fits:  # we still try (estimates have margins), but the person is told what would fit
+            warnings += [r for r in plan.reasons if r.startswith("suggestion:")]
 
+        # 3-7, with the out-of-memory ladder.
         lat_path = latents_path(out)
-        z = None  # latents in VAE space once denoising is done: the last safe point
         step_downs: list[StepDown] = []
-        stage: list[str] = ["loading"]  # where we are, for the recovery ladder
+        with vram_utils.PeakMeter() as meter:
+            pipe, stats, plan = self._attempts(req, spec, plan, inputs, out, lat_path, warnings, step_downs,
+                                               timings, emit, stop)
+        timings["decode_s"] = stats.seconds
+        timings["total_s"] = time.perf_counter() - t_start
+        quant_result = quant.last_result(pipe.transformer)
+        if quant_result is not None and quant_result.reason and quant_result.reason not in warnings:
+            warnings.append(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
+
+        emit(ProgressEvent("saving", message=f"saving {out.name}"))
+        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
+        result.step_downs = [s.to_dict() for s in step_downs]
+        result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
+        result.measured = meter.to_dict()
+        write_sidecar(result)
+        emit(ProgressEvent("done", message=str(out)))
+        return result
+
+    def _attempts(self, req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings, emit, stop):
+        """Steps 3-7, retried one rung lower after an out-of-memory, from the last safe point."""
+        used: dict[str, object] = {}  # the pipeline this run used, once it has one
+        try:
+            return self._attempt_loop(req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings,
+                                      emit, stop, used)
+        finally:
+            # Seed 001: nothing of a run may stay behind in a cached pipeline (multistep schedulers keep
+            # latent-sized tensors until the next run otherwise), whether the run succeeded or not.
+            if "pipe" in used:
+                quant.drop_run_state(used.pop("pipe"))
+
+    def _attempt_loop(self, req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings, emit, stop,
+                      used):
+        z = None  # latents in VAE space once denoising is done: the last safe point
+        stage = ["loading"]  # where we are, for the recovery ladder
         while True:
             try:
                 # 3. Get the pipeline (lazy, LRU, shared parts).
                 stage[0] = "loading"
                 emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
                 t0 = time.perf_counter()
-                pipe = self.cache.get(req.model, req.task, req.quant)
+                pipe = used["pipe"] = self.cache.get(req.model, req.task, req.quant)
                 timings.setdefault("load_s", time.perf_counter() - t0)
 
                 # 4. Apply the plan (idempotent: a step-down re-applies it).
@@ -165,7 +213,6 @@ class Runner:
                 # 7. Decode straight into the video file.
                 stage[0] = "decoding"
                 stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
-                break
             except Exception as exc:
                 if not is_oom(exc):
                     if isinstance(exc, OSError):
@@ -176,19 +223,12 @@ class Runner:
                         ) from exc
                     raise
                 plan = self._step_down(exc, plan, stage[0], step_downs, req, spec, emit)
-                exc = None  # drop the traceback: it pins the failed attempt's tensors
-                release_memory()
+            else:
+                break
+            # Out here the failed attempt's traceback, and the tensors its frames pinned, are gone.
+            release_memory()
         del z
-        timings["decode_s"] = stats.seconds
-        timings["total_s"] = time.perf_counter() - t_start
-
-        emit(ProgressEvent("saving", message=f"saving {out.name}"))
-        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
-        result.step_downs = [s.to_dict() for s in step_downs]
-        result.measured = vram_utils_measured()
-        write_sidecar(result)
-        emit(ProgressEvent("done", message=str(out)))
-        return result
+        return pipe, stats, plan
 
     def _fault(self, stage: str, index: int) -> None:
         """Test hook: `runner.fault_hook(stage, index)` may raise (e.g. an injected OOM)."""
@@ -202,7 +242,7 @@ class Runner:
         if nxt is None:
             tried = "; ".join(s.change for s in step_downs) or "nothing lower was left"
             raise RunFailed(
-                f"out of memory while {stage} ({error}). Tried: {tried}. To fit: {fit_suggestion(req, spec)}"
+                f"out of memory while {stage} ({error}). Tried: {tried}. To fit: {fit_suggestion(req, spec, plan)}"
             ) from exc
         plan, change = nxt
         step_downs.append(StepDown(stage, error, change))
@@ -315,15 +355,6 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise Cancelled("stopped by request")
 
 
-def vram_utils_measured() -> dict[str, int]:
-    import psutil
-
-    measured = {"rss_bytes": psutil.Process().memory_info().rss}
-    if torch.cuda.is_available():
-        measured["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
-    return measured
-
-
 def _save_or_fail(path: Path, z: torch.Tensor, req: GenerationRequest) -> None:
     try:
         save_latents(path, z, req)
@@ -332,18 +363,12 @@ def _save_or_fail(path: Path, z: torch.Tensor, req: GenerationRequest) -> None:
         raise RunFailed(f"could not save the latents to {path} ({exc.strerror or exc}); free space and run again") from exc
 
 
-def fit_suggestion(req: GenerationRequest, spec) -> str:
-    """What would make the request fit: fewer frames, a smaller model of the same task."""
-    from configs.schema import load_registry
-
-    fewer = spec.snap_frames(max(1, (req.frames - 1) // 2 + 1))
+def fit_suggestion(req: GenerationRequest, spec, plan: Plan) -> str:
+    """What would make the request fit: the planner's suggestions where it made them, else halve the frames."""
+    fewer = plan.suggested_frames or spec.snap_frames(max(1, (req.frames - 1) // 2 + 1))
     parts = [f"fewer frames (e.g. --frames {fewer})"] if fewer < req.frames else []
-    smaller = [
-        m.id for m in load_registry().values()
-        if req.task in m.tasks and not m.tiny and m.family == spec.family and sum(m.params.values()) < sum(spec.params.values())
-    ]
-    if smaller:
-        parts.append(f"a smaller model ({smaller[0]})")
+    if plan.suggested_model:
+        parts.append(f"a smaller model ({plan.suggested_model})")
     parts.append(f"a smaller size than {req.height}x{req.width}")
     return ", or ".join(parts)
 
@@ -370,6 +395,7 @@ def write_sidecar(result: RunResult) -> Path:
         "measured": result.measured,
         "warnings": result.warnings,
         "step_downs": result.step_downs,
+        "quant": result.quant,
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
