@@ -115,6 +115,7 @@ class Runner:
         emit = _safe_emitter(on_progress)
         with self._lock:
             baseline = self.sentinel.before()
+            loads_before = self.cache.loads
             try:
                 return self._generate(request, out_path, emit, stop)
             finally:
@@ -124,6 +125,7 @@ class Runner:
                 self.last_leak = self.sentinel.after(
                     baseline, f"{request.task} {request.model} seed {request.seed}",
                     weight_ids=self.cache.weights_on(device_type)[1],
+                    judge=self.cache.loads == loads_before,  # a run that loaded a model is a warm-up
                 )
 
     def _generate(self, request, out_path, emit, stop) -> RunResult:

@@ -27,3 +27,13 @@ def test_weights_the_cache_holds_are_not_a_leak():
     kept.append(torch.ones(32, 1024, 1024))  # 128 MiB loaded into the "cache" during the run
     report = sentinel.after(token, "first load")
     assert not report.leaked, report.line()
+
+
+def test_a_warm_up_run_is_recorded_but_not_judged():
+    sentinel = LeakSentinel()
+    token = sentinel.before()
+    hoard = [torch.ones(32, 1024, 1024)]
+    report = sentinel.after(token, "first run loads a model", judge=False)
+    assert report.delta_bytes > 100 * 2**20 and not report.leaked
+    assert "warm-up" in report.line()
+    del hoard

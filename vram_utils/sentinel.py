@@ -11,6 +11,7 @@ import collections
 import gc
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,7 @@ class LeakReport:
     threshold_bytes: int
     holders: tuple[str, ...] = ()
     at: float = 0.0
+    judged: bool = True  # False for a warm-up run (lazy imports and allocator pools grow once)
 
     @property
     def delta_bytes(self) -> int:
@@ -41,11 +43,11 @@ class LeakReport:
 
     @property
     def leaked(self) -> bool:
-        return self.delta_bytes > self.threshold_bytes
+        return self.judged and self.delta_bytes > self.threshold_bytes
 
     def line(self) -> str:
         mib = self.delta_bytes / 2**20
-        verdict = "LEAK" if self.leaked else "ok"
+        verdict = "LEAK" if self.leaked else "ok" if self.judged else "warm-up, not judged"
         return f"{self.label}: {self.metric} {mib:+.1f} MiB vs baseline ({verdict})"
 
 
@@ -66,12 +68,14 @@ def _raw_bytes() -> tuple[str, int]:
 def largest_live_tensors(device_type: str, exclude_ids: set[int], top: int = 3) -> tuple[str, ...]:
     """The biggest tensors alive on `device_type` that are not cached weights: the likely holders."""
     found = []
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type == device_type and id(obj) not in exclude_ids:
-                found.append((obj.numel() * obj.element_size(), tuple(obj.shape), str(obj.dtype)))
-        except Exception:  # objects that fail isinstance/attribute access mid-teardown
-            continue
+    with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == device_type and id(obj) not in exclude_ids:
+                    found.append((obj.numel() * obj.element_size(), tuple(obj.shape), str(obj.dtype)))
+            except Exception:  # objects that fail isinstance/attribute access mid-teardown
+                continue
     found.sort(reverse=True)
     return tuple(f"{shape} {dtype} ({nbytes / 2**20:.1f} MiB)" for nbytes, shape, dtype in found[:top])
 
@@ -96,15 +100,17 @@ class LeakSentinel:
     def before(self) -> tuple[str, int]:
         return self.measure()
 
-    def after(self, token: tuple[str, int], label: str, weight_ids: set[int] | None = None) -> LeakReport:
+    def after(self, token: tuple[str, int], label: str, weight_ids: set[int] | None = None,
+              judge: bool = True) -> LeakReport:
+        """Compare with `token`; `judge=False` records a warm-up run (one that loaded a model) unjudged."""
         metric, before = token
         _, after = self.measure()
         threshold = self.gpu_threshold_bytes if metric == "gpu_allocated" else self.host_threshold_bytes
-        report = LeakReport(label, metric, before, after, threshold, at=time.time())
+        report = LeakReport(label, metric, before, after, threshold, at=time.time(), judged=judge)
         if report.leaked:
             device_type = "cuda" if metric == "gpu_allocated" else "cpu"
             holders = largest_live_tensors(device_type, weight_ids or set())
-            report = LeakReport(label, metric, before, after, threshold, holders, report.at)
+            report = LeakReport(label, metric, before, after, threshold, holders, report.at, judge)
             logger.warning("%s; largest live tensors: %s", report.line(), "; ".join(holders) or "none found")
         else:
             logger.debug(report.line())
