@@ -106,7 +106,7 @@ def _unavailable(model: str, repo: str, spec: ModelSpec | None, detail: str) -> 
     size = f" (about {spec.download_gb:.0f} GB)" if spec and spec.download_gb else ""
     return ModelUnavailableError(
         f"weights for {model!r} are not on this machine: {detail}. Looked in the Hugging Face cache "
-        f"{HF_HUB_CACHE}. Fetch them with `huggingface-cli download {repo}`{size}, or pass a local folder; "
+        f"{HF_HUB_CACHE}. Fetch them with `hf download {repo}`{size}, or pass a local folder; "
         "the tiny-cogvideox and tiny-wan models work offline"
     )
 

@@ -40,7 +40,7 @@ def test_hub_model_without_local_copy_offline_says_how_to_get_it(tmp_path, monke
         load_pipeline("THUDM/CogVideoX-5b", "t2v")
     assert time.monotonic() - start < 10  # no hang waiting for a network
     message = str(info.value)
-    assert "huggingface-cli download THUDM/CogVideoX-5b" in message
+    assert "hf download THUDM/CogVideoX-5b" in message
     assert "about 22 GB" in message and "not on this machine" in message
 
 
