@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 
+import torch
+
 import pytest
 
 import decode
@@ -109,3 +111,70 @@ def test_leftover_partial_files_are_removed(tmp_path):
     removed = decode.remove_partials(tmp_path)
     assert [p.name for p in removed] == [".20260101_t2v_1.partial.mp4"]
     assert keep.exists()
+
+
+def test_cancel_during_decode_stops_saves_nothing_and_memory_returns(runner, tmp_path):
+    import threading
+
+    from pipeline_utils.runner import Cancelled
+
+    runner.generate(_request(), out_path=tmp_path / "warm.mp4")
+    stop = threading.Event()
+    seen = []
+
+    def on_progress(event):
+        seen.append(event.stage)
+        if event.stage == "decoding" and event.step >= 1:
+            stop.set()
+
+    out = tmp_path / "cancelled.mp4"
+    with pytest.raises(Cancelled):
+        runner.generate(_request(frames=17), out_path=out, on_progress=on_progress, stop=stop)
+    assert "decoding" in seen and "saving" not in seen
+    assert not out.exists() and not decode.partial_path(out).exists() and not out.with_suffix(".json").exists()
+    assert out.with_suffix(".latents.pt").is_file()  # the decode can be re-run from these
+    assert not runner.last_leak.leaked, runner.last_leak.line()
+    _next_run_works(runner, tmp_path)
+
+
+def test_killed_while_writing_leaves_only_a_temporary_name_that_the_next_start_removes(tmp_path, tiny_models):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "outputs" / "killed.mp4"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # A run long enough to catch in its decode (frames are encoded as they come).
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "generate", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "33",
+         "--height", "256", "--width", "256", "--steps", "1", "--chunk-frames", "1", "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    partial = decode.partial_path(out)
+    deadline = time.monotonic() + 240
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert partial.exists(), "the run finished before it could be killed mid-write"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not out.exists() and not out.with_suffix(".json").exists()  # never a half video under its real name
+    assert decode.remove_partials(out.parent) == [partial]
+    assert not partial.exists()
+
+
+def test_same_model_back_to_back_with_different_precisions(runner, tmp_path):
+    plain = runner.generate(_request(model="tiny-wan"), out_path=tmp_path / "none.mp4")
+    int8 = runner.generate(_request(model="tiny-wan", quant="int8"), out_path=tmp_path / "int8.mp4")
+    again = runner.generate(_request(model="tiny-wan"), out_path=tmp_path / "none-again.mp4")
+    assert sorted(runner.cache.keys()) == [("tiny-wan", "t2v", "int8"), ("tiny-wan", "t2v", "none")]
+    assert runner.cache.loads == 2  # each precision loaded once
+    none_pipe = runner.cache.get("tiny-wan", "t2v", "none")
+    int8_pipe = runner.cache.get("tiny-wan", "t2v", "int8")
+    assert none_pipe.transformer is not int8_pipe.transformer and none_pipe.vae is int8_pipe.vae
+    a, b, c = (torch.load(r.latents_path)["latents"] for r in (plain, int8, again))
+    assert torch.equal(a, c)  # the int8 run did not touch the bf16 transformer
+    assert not torch.equal(a, b) and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
