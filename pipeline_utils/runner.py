@@ -119,8 +119,8 @@ class Runner:
             try:
                 return self._generate(request, out_path, emit, stop)
             finally:
-                # 8. Per-run state is gone with this frame; give the memory back and check it came back.
-                release_memory()
+                # 8. Per-run state is gone with this frame; the sentinel gives the memory back (gc, CUDA
+                # cache, heap) and checks it came back to the baseline.
                 device_type = "cuda" if baseline[0] == "gpu_allocated" else "cpu"
                 self.last_leak = self.sentinel.after(
                     baseline, f"{request.task} {request.model} seed {request.seed}",
