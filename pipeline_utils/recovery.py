@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from configs.schema import OFFLOADS, Plan
+from vram_utils.sizes import is_out_of_memory
 
 RecoveryStage = Literal["loading", "encoding", "denoising", "decoding"]
 TILE_FLOOR_PX = 64  # below this the seams cost more than the memory saved
@@ -32,19 +33,8 @@ class StepDown:
         return dataclasses.asdict(self)
 
 
-_OOM_MARKERS = (
-    "out of memory",
-    "can't allocate memory",  # CPU allocator (DefaultCPUAllocator), e.g. under RLIMIT_AS
-    "cannot allocate memory",
-    "failed to allocate",
-)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for CUDA OOM, the CPU allocator's failure and MemoryError."""
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+# One definition of "out of memory" for the whole house (the decode's own ladder uses it too).
+is_oom = is_out_of_memory
 
 
 def step_down(plan: Plan, stage: RecoveryStage, cuda: bool) -> tuple[Plan, str] | None:

@@ -33,4 +33,10 @@ from vram_utils.probe import (  # noqa: F401
     log_vram_status,
     probe,
 )
-from vram_utils.sizes import module_bytes, release_memory, tensor_bytes, trim_host_heap  # noqa: F401
+from vram_utils.sizes import (  # noqa: F401
+    is_out_of_memory,
+    module_bytes,
+    release_memory,
+    tensor_bytes,
+    trim_host_heap,
+)

@@ -70,3 +70,18 @@ def _malloc_trim():
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
         return None
+
+
+_OOM_MARKERS = (
+    "out of memory",
+    "can't allocate memory",  # CPU allocator (DefaultCPUAllocator), e.g. under RLIMIT_AS
+    "cannot allocate memory",
+    "failed to allocate",
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA OOM, the CPU/MPS allocators' failures (plain RuntimeErrors) and MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
