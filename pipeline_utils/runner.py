@@ -220,8 +220,7 @@ class Runner:
                     if isinstance(exc, OSError):
                         raise RunFailed(
                             f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. "
-                            f"The latents are saved at {lat_path}: free space, then "
-                            f"`python app.py decode --latents {lat_path} --out {out}`"
+                            f"The denoised latents are saved at {lat_path}; free space and decode them again"
                         ) from exc
                     raise
                 plan = self._step_down(exc, plan, stage[0], step_downs, req, spec, emit)

@@ -45,7 +45,7 @@ def test_disk_full_while_writing_keeps_latents_and_no_half_video(runner, tmp_pat
     out = tmp_path / "full.mp4"
     with pytest.raises(RunFailed, match="No space left on device") as info:
         runner.generate(_request(), out_path=out)
-    assert "full.latents.pt" in str(info.value) and "app.py decode" in str(info.value)
+    assert "full.latents.pt" in str(info.value) and "decode them again" in str(info.value)
     assert calls["n"] == 1
     assert not out.exists() and not decode.partial_path(out).exists()
     assert out.with_suffix(".latents.pt").is_file()
