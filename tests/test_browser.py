@@ -5,6 +5,7 @@ under test-artifacts/ (git-ignored) for people to look at.
 """
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,10 @@ def server(tmp_path_factory, tiny_models):
     from pipeline_utils.runner import Runner
 
     outputs = tmp_path_factory.mktemp("outputs")
-    ui = app.build_app(Runner(PipelineCache(max_size=2), outputs_dir=outputs))
+    runner = Runner(PipelineCache(max_size=2), outputs_dir=outputs)
+    ui = app.build_app(runner)
     url = app.serve(ui)
-    yield url, outputs
+    yield url, outputs, runner
     ui.demo.close()
 
 
@@ -63,7 +65,7 @@ def wait_text(page, elem_id: str, text: str) -> None:
 
 
 def test_t2v_generate_plays_the_video_in_the_page(page, server, tmp_path):
-    _, outputs = server
+    _, outputs, _ = server
     open_tab(page, "T2V")
     prompt = page.locator("#t2v-prompt textarea")
     prompt.fill("a small boat on a blue sea")
@@ -127,8 +129,11 @@ def test_reuse_settings_from_the_gallery_fills_the_tab(page):
     assert page.get_by_role("tab", name="T2V", exact=True).get_attribute("aria-selected") == "true"
 
 
-def test_stop_button_ends_the_run_and_shows_where(page, server):
-    _, outputs = server
+def test_stop_button_ends_the_run_and_shows_where(page, server, monkeypatch):
+    _, outputs, runner = server
+    # A tiny step takes milliseconds: on a fast machine 100 of them end before the click lands (CI did).
+    # Each step is slowed to 0.3 s here, so the run is still denoising when Stop arrives.
+    monkeypatch.setattr(runner, "fault_hook", lambda stage, index: time.sleep(0.3) if stage == "denoising" else None)
     open_tab(page, "T2V")
     before = set(outputs.glob("*.mp4"))
     page.locator("#t2v-prompt textarea").fill("a long run to stop")
@@ -144,6 +149,7 @@ def test_stop_button_ends_the_run_and_shows_where(page, server):
     page.locator("#t2v-stop").click()
     page.wait_for_function("/Stopped.*denoising step \\d+\\/100/.test(document.querySelector('#t2v-info').innerText)")
     assert set(outputs.glob("*.mp4")) == before  # nothing saved
+    monkeypatch.setattr(runner, "fault_hook", None)
     page.screenshot(path=str(ARTIFACTS / "browser_t2v_stopped.png"), full_page=True)
     # Ready again right away: the next Generate runs (9 frames, 2 steps).
     set_slider(page, "t2v-steps", 2)
