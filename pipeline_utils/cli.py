@@ -10,7 +10,7 @@ import os
 import sys
 from typing import get_args
 
-from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, GenerationRequest, OffloadChoice, RequestError
+from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, DType, GenerationRequest, OffloadChoice, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--int8", action="store_true", help="INT8 weight-only quantization (torchao)")
-    group.add_argument("--fp8", action="store_true", help="FP8 weights (fp8 compute where the GPU has it, else fp8 storage)")
+    group.add_argument("--fp8", action="store_true", help="FP8 weights, per-row scaled (torchao, compute capability >= 8.9; else fp8 storage)")
 
 
 def precision_from_args(args: argparse.Namespace, default: str = "none") -> str:
@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outputs-dir", default="outputs")
     g.add_argument("--max-cache-size", type=int, default=None)
     g.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+
+    d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
+    d.add_argument("--latents", required=True, help="the <video>.latents.pt a run saved before decoding")
+    d.add_argument("--out", required=True, help="output mp4 (a JSON sidecar is written next to it)")
+    d.add_argument("--vae-tiling", dest="vae_tiling", action="store_true", help="decode in tiles")
+    add_decode_flags(d)
+    # Flags left out keep the decode settings the run used (saved in the latents file).
+    d.set_defaults(vae_tiling=None, tile_x=None, tile_y=None, tile_stride_x=None, tile_stride_y=None, chunk_frames=None)
+    d.add_argument("--fps", type=int, default=None, help="frames per second (default: the run's)")
+    d.add_argument("--dtype", choices=get_args(DType), default=None, help="VAE precision")
+    d.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    d.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
     return parser
 
 
@@ -132,6 +144,30 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_decode(args: argparse.Namespace) -> int:
+    from pipeline_utils.redecode import redecode
+
+    flags = {
+        "enable_vae_tiling": args.vae_tiling,
+        "tile_x": args.tile_x,
+        "tile_y": args.tile_y,
+        "tile_stride_x": args.tile_stride_x,
+        "tile_stride_y": args.tile_stride_y,
+        "chunk_frames": args.chunk_frames,
+    }
+    result = redecode(
+        args.latents, args.out, {k: v for k, v in flags.items() if v is not None},
+        fps=args.fps, dtype=args.dtype, device=args.device,
+    )
+    print(result.video_path)
+    stats = result.stats
+    logger.info(
+        "%d frames %dx%d in %.1f s (%s); sidecar %s", stats.frames, stats.width, stats.height, stats.seconds,
+        f"{stats.tiles} tiles" if stats.tile_px else "untiled", result.sidecar_path,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -141,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "decode":
+            return run_decode(args)
         parser.error(f"unknown command {args.command!r}")
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # RunFailed and anything unexpected: one line here, the trace in the log
         logger.debug("run failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}" if str(exc) else f"error: {type(exc).__name__}", file=sys.stderr)  # MemoryError has no text
         return 1
     return 1

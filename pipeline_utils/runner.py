@@ -63,6 +63,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
     quant: dict | None = None  # what quantization did (bytes before/after, fallback reason)
+    decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
 
 
 def versions() -> dict[str, str]:
@@ -143,6 +144,8 @@ class Runner:
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         plan = vram_utils.plan(req, spec)
         logger.info("plan: %s", plan.summary)
+        if plan.refused:  # needs more than the device has in all: nothing would be produced
+            raise RequestError(plan.refused)
         if not plan.fits:  # we still try (estimates have margins), but the person is told what would fit
             warnings += [r for r in plan.reasons if r.startswith("suggestion:")]
 
@@ -160,7 +163,11 @@ class Runner:
 
         emit(ProgressEvent("saving", message=f"saving {out.name}"))
         result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
-        result.step_downs = [s.to_dict() for s in step_downs]
+        # The runner's rungs, then the decode's own (smaller tiles, then smaller chunks) of the attempt that finished.
+        result.step_downs = [s.to_dict() for s in step_downs] + [
+            StepDown("decoding", s.error, s.change()).to_dict() for s in stats.oom_steps
+        ]
+        result.decode = stats.to_dict()
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         result.measured = meter.to_dict()
         write_sidecar(result)
@@ -396,6 +403,7 @@ def write_sidecar(result: RunResult) -> Path:
         "measured": result.measured,
         "warnings": result.warnings,
         "step_downs": result.step_downs,
+        "decode": result.decode,
         "quant": result.quant,
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

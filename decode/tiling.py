@@ -1,0 +1,105 @@
+"""Where the spatial tiles go, and how their seams are blended. Pure arithmetic plus one small weight tensor.
+
+Tiles are placed in latent pixels so that every tile decodes to exactly `factor` times its latent size; the
+tiles of one axis are spread evenly between the first and the last position, all of the same size, so the
+output is always exactly the latent size times the VAE's spatial factor (diffusers' CogVideoX tiling is not:
+its row limits are rounded separately from its strides).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Tiles over one latent frame. Starts and sizes are latent pixels; `factor` turns them into output pixels."""
+
+    height: int  # latent
+    width: int
+    tile_h: int
+    tile_w: int
+    ys: tuple[int, ...]  # tile starts, latent rows
+    xs: tuple[int, ...]  # tile starts, latent columns
+    factor: int  # output pixels per latent pixel
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+    @property
+    def tiled(self) -> bool:
+        return self.count > 1
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """(y0, x0) latent starts, row by row."""
+        return [(y, x) for y in self.ys for x in self.xs]
+
+    def describe(self) -> str:
+        f = self.factor
+        if not self.tiled:
+            return f"untiled ({self.height * f}x{self.width * f} px)"
+        return (
+            f"{len(self.ys)}x{len(self.xs)} tiles of {self.tile_h * f}x{self.tile_w * f} px "
+            f"over {self.height * f}x{self.width * f} px"
+        )
+
+
+def axis_starts(length: int, tile: int, stride: int) -> tuple[int, ...]:
+    """Starts of equal tiles covering [0, length): as few as `stride` allows, spread evenly, last one flush."""
+    if tile >= length:
+        return (0,)
+    n = math.ceil((length - tile) / stride) + 1
+    # Even spacing keeps every overlap at least tile - stride wide; rounding can only shrink a step.
+    return tuple(round(i * (length - tile) / (n - 1)) for i in range(n))
+
+
+def plan_tiles(
+    latent_h: int, latent_w: int, factor: int, tile_px: tuple[int, int] | None, stride_px: tuple[int, int]
+) -> TileLayout:
+    """A layout from output-pixel sizes. `tile_px` is (tile_y, tile_x), or None for one tile over the frame.
+
+    Pixel sizes are rounded down to whole latent pixels (at least one), and a stride is never larger than its tile.
+    """
+    if tile_px is None:
+        return TileLayout(latent_h, latent_w, latent_h, latent_w, (0,), (0,), factor)
+    tile_h = min(latent_h, max(1, tile_px[0] // factor))
+    tile_w = min(latent_w, max(1, tile_px[1] // factor))
+    stride_h = min(tile_h, max(1, stride_px[0] // factor))
+    stride_w = min(tile_w, max(1, stride_px[1] // factor))
+    return TileLayout(
+        latent_h, latent_w, tile_h, tile_w, axis_starts(latent_h, tile_h, stride_h), axis_starts(latent_w, tile_w, stride_w),
+        factor,
+    )
+
+
+def _ramp(size: int, before: int, after: int) -> torch.Tensor:
+    """1-D weights over one tile axis: rising across the overlap with the tile before, falling across the one after.
+
+    Values are (k + 0.5) / overlap, so they never reach 0 (every pixel keeps a weight) and two complementary
+    ramps sum to exactly 1.
+    """
+    k = torch.arange(size, dtype=torch.float32) + 0.5
+    w = torch.ones(size)
+    if before > 0:
+        w = torch.minimum(w, k / before)
+    if after > 0:
+        w = torch.minimum(w, k.flip(0) / after)
+    return w
+
+
+def blend_weight(layout: TileLayout, y0: int, x0: int) -> torch.Tensor:
+    """(tile_h * factor, tile_w * factor) float32 weight of the tile at latent (y0, x0)."""
+    f = layout.factor
+
+    def overlaps(starts: tuple[int, ...], start: int, tile: int) -> tuple[int, int]:
+        i = starts.index(start)
+        before = starts[i - 1] + tile - start if i > 0 else 0
+        after = start + tile - starts[i + 1] if i + 1 < len(starts) else 0
+        return before * f, after * f
+
+    wy = _ramp(layout.tile_h * f, *overlaps(layout.ys, y0, layout.tile_h))
+    wx = _ramp(layout.tile_w * f, *overlaps(layout.xs, x0, layout.tile_w))
+    return wy[:, None] * wx[None, :]
