@@ -418,6 +418,22 @@ def measured_text(measured: dict) -> str:
     return " · ".join(parts)
 
 
+def leak_markdown(runner: "Runner", last: int = 8) -> str:
+    """The leak sentinel's last reports, newest first: what each run left behind after its cleanup."""
+    reports = list(runner.sentinel.history)[-last:][::-1]
+    if not reports:
+        return "No run yet: after each run, memory is compared with its baseline here."
+    lines = ["| run | measured | after − before | verdict | largest live tensors |", "|---|---|---|---|---|"]
+    for r in reports:
+        verdict = "**LEAK**" if r.leaked else "ok" if r.judged else "warm-up (a model loaded; not judged)"
+        metric = "GPU allocated" if r.metric == "gpu_allocated" else "process RSS"
+        holders = "; ".join(r.holders) if r.leaked else ""
+        lines.append(f"| {r.label} | {metric} | {r.delta_bytes / 2**20:+.1f} MiB | {verdict} | {holders} |")
+    threshold = reports[0].threshold_bytes / 2**20
+    lines.append(f"\nA run leaks when it leaves more than {threshold:.0f} MiB above its baseline (weights the cache holds excluded).")
+    return "\n".join(lines)
+
+
 def cache_markdown(runner: "Runner") -> str:
     cache = runner.cache
     rows = cache.info()
@@ -587,6 +603,7 @@ class OptimizationPanel:
     tile_stride_x: "gr.Number"
     tile_stride_y: "gr.Number"
     plan: "gr.Markdown"
+    leaks: "gr.Markdown"
 
     def fields(self) -> dict[str, Any]:
         names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y")
@@ -715,9 +732,11 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
                 stride_y = gr.Number(d.tile_stride_y, label="Stride y (px)", precision=0, minimum=32)
     gr.Markdown("### Pre-flight plan for the active tab")
     plan = gr.Markdown(label="Pre-flight plan", elem_id="plan-panel", elem_classes=["fv-plan"])
+    gr.Markdown("### Memory after each run (leak sentinel)")
+    leaks = gr.Markdown(leak_markdown(ctx.runner), label="Leak sentinel", elem_id="leak-panel")
     return OptimizationPanel(
         memory, cache, cache_pick, unload, unload_all, max_cache, offload, quant, vae_tiling,
-        tile_x, tile_y, stride_x, stride_y, plan,
+        tile_x, tile_y, stride_x, stride_y, plan, leaks,
     )
 
 
@@ -949,10 +968,11 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
         import vram_utils
 
         info = vram_utils.probe()
-        return memory_markdown(info), info.summary()
+        return memory_markdown(info), info.summary(), leak_markdown(ctx.runner)
 
-    timer.tick(memory_panels, None, [opt.memory, app.header], **hidden)
-    app.demo.load(memory_panels, None, [opt.memory, app.header], api_name="memory", queue=False, show_progress="hidden")
+    panels = [opt.memory, app.header, opt.leaks]
+    timer.tick(memory_panels, None, panels, **hidden)
+    app.demo.load(memory_panels, None, panels, api_name="memory", queue=False, show_progress="hidden")
 
     def refresh_cache():
         return cache_markdown(ctx.runner), gr.Dropdown(choices=cache_choices(ctx.runner), value=None)

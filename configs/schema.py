@@ -162,6 +162,7 @@ class Plan:
     peak_stage: str = ""  # the stage that sets the peak
     suggested_frames: int | None = None  # the largest frame count that fits, when the request does not
     suggested_model: str | None = None  # a smaller registry model that fits, when the request does not
+    refused: str = ""  # set when even the lowest rung needs more than the device has in all: the run is refused
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)

@@ -349,13 +349,21 @@ def test_waiting_jobs_see_their_position_and_cancelling_one_removes_it(served, s
 def test_memory_panel_reports_gpu_and_host(served, client):
     import vram_utils
 
-    panel, line = client.predict(api_name="/memory")
+    panel, line, leaks = client.predict(api_name="/memory")
     info = vram_utils.probe()
     if info.cuda:
         assert info.gpus[0].name in panel
     else:
         assert "no CUDA GPU" in panel and "no CUDA GPU" in line
     assert "host RAM" in panel and "this process" in panel
+    # The leak sentinel's last deltas: the runs above are listed, newest first, with the sentinel's own figure.
+    history = list(served.ui.ctx.runner.sentinel.history)
+    assert len(history) >= 3
+    newest = history[-1]
+    rows = [r for r in leaks.splitlines() if r.startswith("| ") and "MiB" in r]
+    assert len(rows) == min(8, len(history))
+    assert rows[0].startswith(f"| {newest.label} |") and f"{newest.delta_bytes / 2**20:+.1f} MiB" in rows[0]
+    assert "LEAK" not in leaks
 
 
 def test_plan_is_shown_before_generate_and_follows_the_settings(served, client):

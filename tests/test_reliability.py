@@ -178,3 +178,14 @@ def test_same_model_back_to_back_with_different_precisions(runner, tmp_path):
     a, b, c = (torch.load(r.latents_path)["latents"] for r in (plain, int8, again))
     assert torch.equal(a, c)  # the int8 run did not touch the bf16 transformer
     assert not torch.equal(a, b) and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_absurd_size_is_refused_by_the_planner_before_anything_loads(runner, tmp_path):
+    loads = runner.cache.loads
+    big = GenerationRequest(model="Wan-AI/Wan2.1-T2V-14B-Diffusers", task="t2v", prompt="a cat", frames=81,
+                            height=4096, width=4096)
+    with pytest.raises(RequestError, match=r"4096x4096, 81 frames on Wan-AI/Wan2.1-T2V-14B-Diffusers is too large.*"
+                                           r"predicts \d+\.\d GiB.*in all"):
+        runner.generate(big, out_path=tmp_path / "big.mp4")
+    assert runner.cache.loads == loads and list(tmp_path.iterdir()) == []
+    _next_run_works(runner, tmp_path)

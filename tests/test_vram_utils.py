@@ -463,3 +463,19 @@ def test_seed_003_snippets_run_with_a_tiny_model(tiny_models, caplog):
     assert isinstance(is_sufficient, bool) and model in message
     if not torch.cuda.is_available():
         assert strategy == "none" and not is_sufficient and message.startswith("no CUDA GPU")
+
+
+def test_absurd_size_is_refused_with_the_estimate_and_a_sane_one_is_not():
+    spec = get_model_spec(WAN_14B)
+    huge = vram_utils.planner.plan_for(request(WAN_14B, height=4096, width=4096, frames=81), spec, card(24))
+    assert not huge.fits and huge.refused
+    need = huge.stages[huge.peak_stage]
+    assert need > 24 * GIB  # more than the card has in all, even empty
+    assert "4096x4096, 81 frames" in huge.refused and f"{need / GIB:.1f} GiB" in huge.refused
+    assert "24.0 GiB in all" in huge.refused and huge.reasons[0].startswith("refused:")
+    # Missing only the free memory (someone else holds most of the card) is tried, not refused.
+    busy = vram_utils.planner.plan_for(request(WAN_14B), spec, card(24, used_gb=22))
+    assert busy.refused == ""
+    # Without a GPU the bound is the host RAM in all.
+    cpu = vram_utils.planner.plan_for(request(WAN_14B, height=4096, width=4096, frames=81), spec, NO_GPU)
+    assert "host RAM has 24.0 GiB in all" in cpu.refused

@@ -226,6 +226,21 @@ def plan_for(
     if w.quant != "none":
         reasons.append(f"precision: {w.quant} transformer weights, as set")
 
+    refused = ""
+    if not fits:
+        # Estimates carry margins, so a run that misses the free memory is still tried; one that needs
+        # more than the device has in all, even empty, cannot run and is refused with the estimate.
+        total = gpu.total_bytes if gpu is not None else device.host_total_bytes
+        if choice.est.peak_device_bytes > total:
+            hint = f"; {suggested_frames} frames would fit" if suggested_frames else ""
+            hint += f"; {suggested_model} fits at its defaults" if suggested_model else ""
+            refused = (
+                f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner "
+                f"predicts {gib(choice.est.peak_device_bytes)} at its lowest setting "
+                f"({RUNG_TEXT[choice.offload] if backend == 'cuda' else 'the CPU run'}), and {where} has "
+                f"{gib(total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}"
+            )
+            reasons.insert(0, f"refused: {refused}")
     summary = (
         f"offload {choice.offload}, tiling {'on' if choice.decode.enable_vae_tiling else 'off'}, "
         f"peak {'GPU' if backend == 'cuda' else 'RAM'} {gib(est.peak_device_bytes)}"
@@ -246,6 +261,7 @@ def plan_for(
         peak_stage=est.peak_stage,
         suggested_frames=suggested_frames,
         suggested_model=suggested_model,
+        refused=refused,
     )
 
 
