@@ -12,10 +12,11 @@ ffmpeg runs as a child process in every case and is not counted.
 Sizes: on CPU, latents of 3 and 13 frames at 30x45 (9 and 49 frames at 240x360); on CUDA, 3 and 13 frames
 at 60x90 (9 and 49 frames at 480x720). 13 = 4 x 3 + 1 latent frames: the frame counts the pipelines make.
 Tiles at 240x360 (so that tiling really happens; diffusers' defaults do not tile CogVideoX there):
-  CogVideoX  diffusers enable_tiling(144, 200): 144x200 px tiles, its default overlap factors (1/6, 1/5),
-             i.e. strides 120x160 px (heights multiple of 48 and widths of 40 avoid its size bug);
-             ours the same tiles and strides, 1 latent frame per chunk, frame by frame (untiled with
-             1-frame chunks measured no lower here: 1.76 GiB vs 1.68 GiB at 3 latent frames).
+  CogVideoX  diffusers enable_tiling(240, 200): 240x200 px tiles (one row, two columns), its default
+             overlap factors (1/6, 1/5), i.e. strides 200x160 px (heights multiple of 48 and widths of 40
+             avoid its size bug); ours the same tiles and strides, 1 latent frame per chunk, frame by frame.
+             (With 144x200 tiles, 2x2: diffusers 2.31 GiB, ours 1.68 GiB at 13 latent frames; every tile keeps
+             its causal caches between chunks, so on the CPU fewer, larger tiles suit ours.)
   Wan        diffusers enable_tiling() defaults: 256x256 px tiles, stride 192; ours the same, own chunks.
 On CUDA at 480x720 both use diffusers' default tiles (CogVideoX 240x360 / overlap 1/6, 1/5; Wan 256 / 192).
 
@@ -50,8 +51,8 @@ SIZES = {
 }
 TILES = {  # diffusers enable_tiling kwargs, and our DecodeSettings kwargs for the same tiles
     ("cpu", "cogvideox"): (
-        dict(tile_sample_min_height=144, tile_sample_min_width=200),
-        dict(tile_y=144, tile_x=200, tile_stride_y=120, tile_stride_x=160, chunk_frames=1),
+        dict(tile_sample_min_height=240, tile_sample_min_width=200),
+        dict(tile_y=240, tile_x=200, tile_stride_y=200, tile_stride_x=160, chunk_frames=1),
     ),
     ("cpu", "wan"): (dict(), dict(tile_y=256, tile_x=256, tile_stride_y=192, tile_stride_x=192, chunk_frames=0)),
     ("cuda", "cogvideox"): (
