@@ -298,7 +298,7 @@ def resolve_request(req: GenerationRequest) -> GenerationRequest:
     if req.task == "v2v":
         _check_input_file("video", req.video)
         _check_number("strength", req.strength, 0.0, 1.0, "use a number from 0 to 1")
-    _check_decode(req.decode)
+    check_decode(req.decode)
     return req.replace(
         prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance)
     )
@@ -314,11 +314,15 @@ def _check_input_file(name: str, path: str | None) -> None:
         raise RequestError(f"{name} file {path!r} is empty (0 bytes)")
 
 
-def _check_decode(d: DecodeSettings) -> None:
+def check_decode(d: DecodeSettings, min_px: int = 32, max_px: int | None = MAX_SIDE_PX) -> None:
+    """Decode settings a person may ask for (32 to 4096 px). The streaming decode itself takes any positive
+    size (`min_px=1, max_px=None`): its own out-of-memory steps may go below what a person is offered."""
     for name in ("tile_x", "tile_y", "tile_stride_x", "tile_stride_y"):
         value = getattr(d, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_SIDE_PX:
-            raise RequestError(f"{name}={value!r} is not allowed; use whole pixels from 32 to {MAX_SIDE_PX}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < min_px
+                or (max_px is not None and value > max_px)):
+            allowed = f"from {min_px} to {max_px}" if max_px is not None else f"from {min_px} up"
+            raise RequestError(f"{name}={value!r} is not allowed; use whole pixels {allowed}")
     if d.tile_stride_x > d.tile_x or d.tile_stride_y > d.tile_y:
         raise RequestError(
             f"tile stride ({d.tile_stride_x}x{d.tile_stride_y}) larger than the tile ({d.tile_x}x{d.tile_y}) "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import gc
 import logging
 import sys
 import threading
@@ -28,10 +27,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from configs.schema import DecodeSettings
+from configs.schema import DecodeSettings, check_decode
 from decode.causal import CausalDecoder, causal_decoder
 from decode.tiling import TileLayout, blend_weight, plan_tiles
-from vram_utils.sizes import is_out_of_memory, trim_host_heap
+from vram_utils.sizes import is_out_of_memory, release_memory, trim_host_heap
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +99,6 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     return (video * 255).round().to(torch.uint8).permute(1, 2, 3, 0)
 
 
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
 HOST_MMAP_THRESHOLD_BYTES = 1 << 20
 
@@ -160,26 +153,11 @@ def execution_device(vae: torch.nn.Module) -> torch.device:
     return next(vae.parameters()).device
 
 
-def check_settings(settings: DecodeSettings) -> None:
-    for name in ("tile_x", "tile_y", "tile_stride_x", "tile_stride_y"):
-        value = getattr(settings, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} is not allowed; use a positive whole number of pixels")
-    if settings.tile_stride_x > settings.tile_x or settings.tile_stride_y > settings.tile_y:
-        raise ValueError(
-            f"tile stride ({settings.tile_stride_y}x{settings.tile_stride_x}) larger than the tile "
-            f"({settings.tile_y}x{settings.tile_x}) would leave gaps"
-        )
-    c = settings.chunk_frames
-    if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-        raise ValueError(f"chunk_frames={c!r} is not allowed; use 0 (the VAE's own) or a positive count")
-
-
 class StreamingDecode:
     """One decode of one latent video. Iterate `chunks()`; read `stats()` afterwards."""
 
     def __init__(self, vae: torch.nn.Module, latents: torch.Tensor, settings: DecodeSettings):
-        check_settings(settings)
+        check_decode(settings, min_px=1, max_px=None)
         if latents.ndim != 5 or latents.shape[0] != 1:
             raise ValueError(f"latents must be (1, C, F, H, W) for one video, got {tuple(latents.shape)}")
         self.vae = vae
@@ -253,7 +231,7 @@ class StreamingDecode:
                 if failure is not None:
                     # Out of the except block, so the traceback no longer pins the failed chunk's tensors.
                     states = None
-                    _release(self.device)
+                    release_memory()
                     self._step_down(j, failure)
                     continue
                 self.frames += self._frames_in(out)
@@ -266,7 +244,7 @@ class StreamingDecode:
             self._weights.clear()
             if self.device.type == "cuda":
                 self._peak_gpu = torch.cuda.max_memory_allocated(self.device)
-            _release(self.device)
+            release_memory()
             self.seconds = time.perf_counter() - t0
 
     @staticmethod

@@ -33,6 +33,11 @@ class StepDown:
         return dataclasses.asdict(self)
 
 
+def decode_step_downs(stats) -> list[StepDown]:
+    """The streaming decode's own steps (`DecodeStats.oom_steps`: smaller tiles, then smaller chunks)."""
+    return [StepDown("decoding", s.error, s.change()) for s in stats.oom_steps]
+
+
 # One definition of "out of memory" for the whole house (the decode's own ladder uses it too).
 is_oom = is_out_of_memory
 

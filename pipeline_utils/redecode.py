@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 import decode
-from configs.schema import DecodeSettings, GenerationRequest, RequestError, _check_decode, load_registry
+import vram_utils
+from pipeline_utils.recovery import decode_step_downs
+from configs.schema import DecodeSettings, GenerationRequest, RequestError, check_decode, load_registry
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def redecode(
     saved = load_latents(latents_path)
     req = saved.request
     settings = dataclasses.replace(req.decode, **(overrides or {}))
-    _check_decode(settings)
+    check_decode(settings)
     out = Path(out)
     if out.resolve() == saved.path.resolve():
         raise RequestError(f"--out {str(out)!r} is the latents file itself; choose an .mp4 path")
@@ -114,7 +116,7 @@ def redecode(
     fps = fps or req.fps
     if not fps:
         raise RequestError(f"the request in {str(saved.path)!r} has no fps; pass --fps")
-    with decode.VideoWriter(out, fps) as writer:
+    with vram_utils.PeakMeter() as meter, decode.VideoWriter(out, fps) as writer:
         stats = decode.stream_decode(vae, saved.latents, settings, writer)
     # 4. Sidecar: what was decoded, how, how long, how much memory.
     sidecar = out.with_suffix(".json")
@@ -124,25 +126,10 @@ def redecode(
         "request": req.to_dict(),
         "decode_settings": dataclasses.asdict(settings),
         "decode": stats.to_dict(),
-        "step_downs": [{"stage": "decoding", "error": s.error, "change": s.change()} for s in stats.oom_steps],
+        "step_downs": [s.to_dict() for s in decode_step_downs(stats)],
         "timings": {"vae_load_s": load_s, "decode_s": stats.seconds},
-        "measured": _measured(),
+        "measured": meter.to_dict(),  # peak GPU / host bytes of the decode, as the runner's sidecar has them
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     })
     logger.info("re-decoded %s -> %s (%d frames, %.1f s)", saved.path.name, out, stats.frames, stats.seconds)
     return RedecodeResult(out, sidecar, stats, settings, load_s)
-
-
-def _measured() -> dict[str, int]:
-    import psutil
-
-    info = psutil.Process().memory_info()
-    # VmHWM: the process's peak resident memory so far (Linux); psutil has no portable peak.
-    measured = {"rss_bytes": info.rss}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                measured["peak_rss_bytes"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return measured

@@ -25,7 +25,7 @@ from pipeline_utils.cache import PipelineCache
 from vram_utils import release_memory
 from vram_utils.sentinel import LeakReport, LeakSentinel
 from pipeline_utils.media import load_image, load_video
-from pipeline_utils.recovery import StepDown, is_oom, step_down
+from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom, step_down
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +164,7 @@ class Runner:
         emit(ProgressEvent("saving", message=f"saving {out.name}"))
         result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
         # The runner's rungs, then the decode's own (smaller tiles, then smaller chunks) of the attempt that finished.
-        result.step_downs = [s.to_dict() for s in step_downs] + [
-            StepDown("decoding", s.error, s.change()).to_dict() for s in stats.oom_steps
-        ]
+        result.step_downs = [s.to_dict() for s in [*step_downs, *decode_step_downs(stats)]]
         result.decode = stats.to_dict()
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         result.measured = meter.to_dict()
@@ -227,7 +225,8 @@ class Runner:
                     if isinstance(exc, OSError):
                         raise RunFailed(
                             f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. "
-                            f"The denoised latents are saved at {lat_path}; free space and decode them again"
+                            f"The denoised latents are saved at {lat_path}; free space and decode them again: "
+                            f"`python app.py decode --latents {lat_path} --out {out}`"
                         ) from exc
                     raise
                 plan = self._step_down(exc, plan, stage[0], step_downs, req, spec, emit)
