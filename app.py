@@ -67,7 +67,8 @@ TILING_HELP = (
     "VAE tiling decodes the video in overlapping tiles instead of whole frames. "
     "272 px tiles with a 144 x 128 px stride (about 47% overlap, so no seams) cut the decode peak "
     "by about 60% (1280x720, 61 frames: ~20 GB -> ~8 GB) for 15-20% more decode time. "
-    "Frames smaller than a tile are decoded whole. Turn it off only when memory is plentiful."
+    "Tile size is the largest tile and tile - stride the smallest overlap; tiles shrink to the smallest size "
+    "that keeps it. Frames smaller than a tile are decoded whole. Turn it off only when memory is plentiful."
 )
 CSS = """
 .fv-plan table, .fv-memory table { font-size: 0.9em; }

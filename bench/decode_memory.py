@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per case")
     p.add_argument(
         "--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-        help="run every case with MALLOC_MMAP_THRESHOLD_=BYTES (what our decode sets itself on the CPU), "
-        "to see diffusers' cases with the same allocator setting",
+        help="run every case with MALLOC_MMAP_THRESHOLD_=BYTES (glibc then returns every freed block of that "
+        "size or more to the OS at once: lower RSS, more page faults), to compare all cases under that setting",
     )
     p.add_argument("--setup", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)

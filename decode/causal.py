@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,6 +49,13 @@ class CausalDecoder:
 
     def __init__(self, vae: torch.nn.Module):
         self.vae = vae
+        # Called after every stage (a block, or conv_in + mid block, or norm + conv_out) of one tile: the
+        # stream hands the host heap's freed pages back there when decoding on the CPU.
+        self.after_stage: Callable[[], None] | None = None
+
+    def _stage_done(self) -> None:
+        if self.after_stage is not None:
+            self.after_stage()
 
     def chunk_bounds(self, num_latent: int, chunk_frames: int = 0) -> list[tuple[int, int]]:
         """[start, end) latent frames of each chunk; chunk_frames 0 means the VAE's own chunk size."""
@@ -161,6 +168,7 @@ class CogVideoXCausal(CausalDecoder):
 
     def _run(self, stage: int, x: torch.Tensor, zq: torch.Tensor, keep_first: bool, state: dict) -> Iterator[torch.Tensor]:
         x, zq = self._stage(stage, x, zq, keep_first, state)
+        self._stage_done()
         if stage == self.last_stage:
             yield x
         elif self.frame_by_frame and x.shape[2] > 1:
@@ -266,6 +274,7 @@ class WanCausal(CausalDecoder):
 
     def _run(self, stage: int, x: torch.Tensor, state: list, first: bool) -> Iterator[torch.Tensor]:
         x = self._stage(stage, x, state, first)
+        self._stage_done()
         if stage == self.last_stage:
             if self.patch_size is not None:
                 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify

@@ -14,10 +14,7 @@ output, and the chunk is retried. Every step down is in the stats.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,33 +96,6 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     return (video * 255).round().to(torch.uint8).permute(1, 2, 3, 0)
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
-HOST_MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-@functools.cache
-def fix_host_mmap_threshold() -> bool:
-    """Decoding on the CPU, let tensors of 1 MiB and more go straight back to the OS when freed.
-
-    Why: glibc raises its mmap threshold (up to 32 MiB) each time a big block is freed, so the per-frame
-    tensors of a streaming decode (a few to tens of MiB) end up in its heap, and the heap keeps the
-    high-water mark of every tile's activations resident: ~300 MB of the Wan VAE's peak at 240x360
-    (bench/decode_memory.py). A fixed threshold keeps RSS near what is live. glibc has no scoped
-    setting: this is process-wide and permanent, so it is set once, and only when a decode runs on the CPU.
-    Returns whether it was set (False on other C libraries).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl and others
-        return False
-    ok = bool(mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD_BYTES))
-    logger.info("decoding on the CPU: glibc mmap threshold fixed at %d KiB (%s)", HOST_MMAP_THRESHOLD_BYTES >> 10,
-                "set" if ok else "refused")
-    return ok
-
-
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
         return fn(obj)
@@ -177,6 +147,12 @@ class StreamingDecode:
         self._stride_px: tuple[int, int] | None = (
             (settings.tile_stride_y, settings.tile_stride_x) if settings.enable_vae_tiling else None
         )
+        # The largest tile asked for, in latent pixels (the layout's tiles may be smaller, see plan_tiles):
+        # out-of-memory steps halve this one, and report it, so that the settings they name reproduce them.
+        self._tile_lat = (
+            (min(self.lat_h, max(1, settings.tile_y // self.factor)), min(self.lat_w, max(1, settings.tile_x // self.factor)))
+            if settings.enable_vae_tiling else (self.lat_h, self.lat_w)
+        )
         self.oom_steps: list[OomStep] = []
         self.frames = 0
         self.chunks_done = 0
@@ -201,7 +177,12 @@ class StreamingDecode:
         t0 = time.perf_counter()
         self.device = execution_device(self.vae)
         if self.device.type == "cpu":
-            fix_host_mmap_threshold()
+            # glibc keeps freed blocks in its heap, and the per-frame activations of one tile, freed between
+            # the long-lived causal caches, leave holes that the next stage cannot reuse: RSS climbs to every
+            # tile's high-water mark. Handing freed pages back after each stage keeps RSS near what is live
+            # (Wan 240x360: 1.32 -> 1.21 GiB) at a few page faults; a fixed 1 MiB mmap threshold held it
+            # lower (1.12 GiB) but every tensor then faulted in fresh pages: 45 s instead of 33 s.
+            self.decoder.after_stage = trim_host_heap
         if self.device.type == "cuda":
             self._peak_gpu_before = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -305,10 +286,6 @@ class StreamingDecode:
         # On a GPU, the caches of the tiles not being decoded wait in host memory.
         if self.device.type == "cuda" and self.layout.tiled:
             return _map_tensors(state, lambda t: t.to("cpu"))
-        if self.device.type == "cpu":
-            # Decoding on the CPU, glibc keeps freed tiles' activations in its heap (RSS) otherwise;
-            # with them given back, the next tile starts lower.
-            trim_host_heap()
         return state
 
     def _unpark(self, state: Any) -> Any:
@@ -373,12 +350,13 @@ class StreamingDecode:
         return True
 
     def _step_down(self, j: int, error: str) -> None:
-        lay, f = self.layout, self.factor
+        f = self.factor
+        old_h, old_w = self._tile_lat
         floor = max(1, MIN_TILE_PX // f)
-        tile_h = max(floor, lay.tile_h // 2) if lay.tile_h > floor else lay.tile_h
-        tile_w = max(floor, lay.tile_w // 2) if lay.tile_w > floor else lay.tile_w
-        before = (lay.tile_h * f, lay.tile_w * f)
-        if (tile_h, tile_w) == (lay.tile_h, lay.tile_w):
+        tile_h = max(floor, old_h // 2) if old_h > floor else old_h
+        tile_w = max(floor, old_w // 2) if old_w > floor else old_w
+        before = (old_h * f, old_w * f)
+        if (tile_h, tile_w) == (old_h, old_w):
             if self._split_chunks(j, before, error):
                 return
             raise DecodeOutOfMemory(
@@ -388,13 +366,14 @@ class StreamingDecode:
             )
         # Keep the overlap in proportion to the tile, so seams stay blended.
         if self._stride_px is not None:
-            sy = self._stride_px[0] * tile_h // lay.tile_h
-            sx = self._stride_px[1] * tile_w // lay.tile_w
+            sy = self._stride_px[0] * tile_h // old_h
+            sx = self._stride_px[1] * tile_w // old_w
         else:  # was untiled: a quarter of the tile overlaps
             sy, sx = tile_h * f * 3 // 4, tile_w * f * 3 // 4
         stride = (max(f, sy // f * f), max(f, sx // f * f))
         self.layout = plan_tiles(self.lat_h, self.lat_w, f, (tile_h * f, tile_w * f), stride)
         self._stride_px = stride
+        self._tile_lat = (tile_h, tile_w)
         self._weights.clear()
         step = OomStep(j, before, (tile_h * f, tile_w * f), stride, j, error)
         self.oom_steps.append(step)

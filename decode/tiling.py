@@ -47,19 +47,29 @@ class TileLayout:
         )
 
 
-def axis_starts(length: int, tile: int, stride: int) -> tuple[int, ...]:
-    """Starts of equal tiles covering [0, length): as few as `stride` allows, spread evenly, last one flush."""
+def axis_tiles(length: int, tile: int, stride: int) -> tuple[int, tuple[int, ...]]:
+    """(size, starts) of equal tiles covering [0, length), for a tile of at most `tile` and an overlap of at
+    least `tile - stride`: as few tiles as `stride` allows, each shrunk to the smallest size that still
+    keeps that overlap, spread evenly with the last one flush.
+
+    Shrinking costs nothing in blend width and saves work: 360 px in tiles of 256 / stride 192 become two of
+    216 px (overlap 72) instead of two of 256 (overlap 152), 16% fewer pixels through the decoder.
+    """
     if tile >= length:
-        return (0,)
+        return length, (0,)
     n = math.ceil((length - tile) / stride) + 1
-    # Even spacing keeps every overlap at least tile - stride wide; rounding can only shrink a step.
-    return tuple(round(i * (length - tile) / (n - 1)) for i in range(n))
+    overlap = tile - stride
+    size = min(tile, math.ceil((length + (n - 1) * overlap) / n))
+    # Even spacing: the ideal step (length - size) / (n - 1) is at most size - overlap, an integer, so the
+    # rounded steps are too; every overlap stays at least tile - stride wide.
+    return size, tuple(round(i * (length - size) / (n - 1)) for i in range(n))
 
 
 def plan_tiles(
     latent_h: int, latent_w: int, factor: int, tile_px: tuple[int, int] | None, stride_px: tuple[int, int]
 ) -> TileLayout:
-    """A layout from output-pixel sizes. `tile_px` is (tile_y, tile_x), or None for one tile over the frame.
+    """A layout from output-pixel sizes. `tile_px` is (tile_y, tile_x), the largest tile, or None for one
+    tile over the frame; tiles may come out smaller (see `axis_tiles`).
 
     Pixel sizes are rounded down to whole latent pixels (at least one), and a stride is never larger than its tile.
     """
@@ -69,10 +79,9 @@ def plan_tiles(
     tile_w = min(latent_w, max(1, tile_px[1] // factor))
     stride_h = min(tile_h, max(1, stride_px[0] // factor))
     stride_w = min(tile_w, max(1, stride_px[1] // factor))
-    return TileLayout(
-        latent_h, latent_w, tile_h, tile_w, axis_starts(latent_h, tile_h, stride_h), axis_starts(latent_w, tile_w, stride_w),
-        factor,
-    )
+    tile_h, ys = axis_tiles(latent_h, tile_h, stride_h)
+    tile_w, xs = axis_tiles(latent_w, tile_w, stride_w)
+    return TileLayout(latent_h, latent_w, tile_h, tile_w, ys, xs, factor)
 
 
 def _ramp(size: int, before: int, after: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import decode
 from configs.schema import DecodeSettings
 from decode.causal import causal_decoder
-from decode.tiling import axis_starts, blend_weight, plan_tiles
+from decode.tiling import axis_tiles, blend_weight, plan_tiles
 from tests.conftest import read_video, video_fps
 
 UNTILED = DecodeSettings(enable_vae_tiling=False)
@@ -97,21 +97,34 @@ class ListSink:
 @pytest.mark.parametrize("length", [1, 5, 30, 45, 60, 90])
 @pytest.mark.parametrize("tile,stride", [(34, 18), (34, 16), (15, 12), (8, 8), (8, 1), (4, 3), (200, 100)])
 def test_tiles_cover_the_axis_with_equal_tiles_and_no_step_beyond_stride(length, tile, stride):
-    starts = axis_starts(length, tile, stride)
-    size = min(tile, length)
+    size, starts = axis_tiles(length, tile, stride)
+    n = len(starts)
+    assert size <= min(tile, length)
     assert starts[0] == 0 and starts[-1] + size == length  # first at 0, last flush with the end
-    assert all(0 < b - a <= stride for a, b in zip(starts, starts[1:]))  # no gaps, never coarser than asked
-    assert len(starts) == (1 if tile >= length else math.ceil((length - tile) / stride) + 1)
+    # no gaps, and every overlap at least tile - stride wide (so never a step beyond the stride)
+    assert all(0 < b - a <= size - (tile - stride) <= stride for a, b in zip(starts, starts[1:]))
+    assert n == (1 if tile >= length else math.ceil((length - tile) / stride) + 1)
+    if n > 1:  # the smallest such tile: one pixel less could not keep that overlap with n tiles
+        assert n * (size - 1) < length + (n - 1) * (tile - stride)
+
+
+def test_tiles_shrink_to_what_the_overlap_needs():
+    # Wan at 240x360 with diffusers' default 256 px tiles, stride 192 (latent 32 / 24): two 27-latent tiles
+    # (216 px, overlap 72 px) instead of two of 256 px overlapping by 152.
+    layout = plan_tiles(30, 45, 8, (256, 256), (192, 192))
+    assert (layout.tile_h, layout.tile_w, layout.ys, layout.xs) == (30, 27, (0,), (0, 18))
 
 
 def test_blend_weights_sum_to_one_across_every_seam():
     layout = plan_tiles(30, 45, 8, (144, 200), (120, 160))
     assert (len(layout.ys), len(layout.xs)) == (2, 2)
+    th, tw = layout.tile_h * 8, layout.tile_w * 8  # 136 x 200: shrunk to keep the 24 px overlap
+    assert (th, tw) == (136, 200)
     total = torch.zeros(240, 360)
     for y0, x0 in layout.tiles():
         w = blend_weight(layout, y0, x0)
-        assert w.shape == (144, 200) and w.min() > 0
-        total[y0 * 8 : y0 * 8 + 144, x0 * 8 : x0 * 8 + 200] += w
+        assert w.shape == (th, tw) and w.min() > 0
+        total[y0 * 8 : y0 * 8 + th, x0 * 8 : x0 * 8 + tw] += w
     # Two tiles per axis with linear complementary ramps: the raw weights already add to exactly 1.
     assert torch.allclose(total, torch.ones(240, 360), atol=1e-6)
 
@@ -381,7 +394,8 @@ def test_out_of_memory_halves_the_tile_replays_and_retries_the_chunk(tiny):
     assert per_chunk == [1, 4, 4, 4]
     (step,) = stats.oom_steps
     assert (step.chunk, step.tile_from_px, step.tile_to_px, step.replayed_chunks) == (2, (128, 128), (64, 64), 2)
-    assert "out of memory" in step.error and stats.tile_px == (64, 64) and stats.tiles == 9
+    # 64 px tiles at most, stride 48: three per axis over 128 px, shrunk to 56 px (overlap 16 px kept)
+    assert "out of memory" in step.error and stats.tile_px == (56, 56) and stats.tiles == 9
     # Chunks before the failure are the untiled decode; from the failure on, exactly what 64 px tiles
     # decode from the start (the replay rebuilt every tile's causal cache).
     untiled, _, _ = ours(vae, z, UNTILED)
