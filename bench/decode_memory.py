@@ -17,7 +17,8 @@ Tiles at 240x360 (so that tiling really happens; diffusers' defaults do not tile
              avoid its size bug); ours the same tiles and strides, 1 latent frame per chunk, frame by frame.
              (With 144x200 tiles, 2x2: diffusers 2.31 GiB, ours 1.68 GiB at 13 latent frames; every tile keeps
              its causal caches between chunks, so on the CPU fewer, larger tiles suit ours.)
-  Wan        diffusers enable_tiling() defaults: 256x256 px tiles, stride 192; ours the same, own chunks.
+  Wan        diffusers enable_tiling() defaults: 256x256 px tiles, stride 192; ours the same settings, own
+             chunks (our tiles shrink to 240x216 px, still overlapping by at least 256 - 192 px).
 On CUDA at 480x720 both use diffusers' default tiles (CogVideoX 240x360 / overlap 1/6, 1/5; Wan 256 / 192).
 
     .venv/bin/python bench/decode_memory.py                 # everything, prints the table and the ratios
