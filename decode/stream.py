@@ -147,12 +147,6 @@ class StreamingDecode:
         self._stride_px: tuple[int, int] | None = (
             (settings.tile_stride_y, settings.tile_stride_x) if settings.enable_vae_tiling else None
         )
-        # The largest tile asked for, in latent pixels (the layout's tiles may be smaller, see plan_tiles):
-        # out-of-memory steps halve this one, and report it, so that the settings they name reproduce them.
-        self._tile_lat = (
-            (min(self.lat_h, max(1, settings.tile_y // self.factor)), min(self.lat_w, max(1, settings.tile_x // self.factor)))
-            if settings.enable_vae_tiling else (self.lat_h, self.lat_w)
-        )
         self.oom_steps: list[OomStep] = []
         self.frames = 0
         self.chunks_done = 0
@@ -351,7 +345,9 @@ class StreamingDecode:
 
     def _step_down(self, j: int, error: str) -> None:
         f = self.factor
-        old_h, old_w = self._tile_lat
+        # Halve the largest tile asked for (the layout's own may be smaller) and report it, so that the
+        # settings a step names reproduce it.
+        old_h, old_w = self.layout.max_tile_h, self.layout.max_tile_w
         floor = max(1, MIN_TILE_PX // f)
         tile_h = max(floor, old_h // 2) if old_h > floor else old_h
         tile_w = max(floor, old_w // 2) if old_w > floor else old_w
@@ -373,7 +369,6 @@ class StreamingDecode:
         stride = (max(f, sy // f * f), max(f, sx // f * f))
         self.layout = plan_tiles(self.lat_h, self.lat_w, f, (tile_h * f, tile_w * f), stride)
         self._stride_px = stride
-        self._tile_lat = (tile_h, tile_w)
         self._weights.clear()
         step = OomStep(j, before, (tile_h * f, tile_w * f), stride, j, error)
         self.oom_steps.append(step)

@@ -24,6 +24,9 @@ class TileLayout:
     ys: tuple[int, ...]  # tile starts, latent rows
     xs: tuple[int, ...]  # tile starts, latent columns
     factor: int  # output pixels per latent pixel
+    # The largest tile asked for (latent pixels, clamped to the frame); tile_h / tile_w may be smaller.
+    max_tile_h: int
+    max_tile_w: int
 
     @property
     def count(self) -> int:
@@ -74,14 +77,14 @@ def plan_tiles(
     Pixel sizes are rounded down to whole latent pixels (at least one), and a stride is never larger than its tile.
     """
     if tile_px is None:
-        return TileLayout(latent_h, latent_w, latent_h, latent_w, (0,), (0,), factor)
+        return TileLayout(latent_h, latent_w, latent_h, latent_w, (0,), (0,), factor, latent_h, latent_w)
     tile_h = min(latent_h, max(1, tile_px[0] // factor))
     tile_w = min(latent_w, max(1, tile_px[1] // factor))
     stride_h = min(tile_h, max(1, stride_px[0] // factor))
     stride_w = min(tile_w, max(1, stride_px[1] // factor))
-    tile_h, ys = axis_tiles(latent_h, tile_h, stride_h)
-    tile_w, xs = axis_tiles(latent_w, tile_w, stride_w)
-    return TileLayout(latent_h, latent_w, tile_h, tile_w, ys, xs, factor)
+    size_h, ys = axis_tiles(latent_h, tile_h, stride_h)
+    size_w, xs = axis_tiles(latent_w, tile_w, stride_w)
+    return TileLayout(latent_h, latent_w, size_h, size_w, ys, xs, factor, tile_h, tile_w)
 
 
 def _ramp(size: int, before: int, after: int) -> torch.Tensor:
