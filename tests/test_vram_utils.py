@@ -6,7 +6,6 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from vram_utils.archs import ARCHS, arch_for
 from vram_utils.estimate import LADDER, estimate, video_tokens, workload_for
 from vram_utils.probe import GIB, DeviceInfo, GpuInfo
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 COG_2B, COG_5B = "THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"
 WAN_1_3B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 
