@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FitVideo on Linux/macOS.
 #   ./run.sh [flags]        set up .venv on first use, then launch the UI (flags pass through: --port 7861, --int8, ...)
-#   ./run.sh test [args]    set up .venv, then run the whole test suite (args go to pytest)
+#   ./run.sh test [args]    set up .venv and a Chromium for the browser test, then run the whole test suite
+#                           (args go to pytest)
 #   ./run.sh generate ...   headless generation (python app.py generate ...)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,10 +26,33 @@ setup() {
   fi
 }
 
+# tests/test_browser.py drives a real Chromium and fails (never skips) without one. It looks for
+# FITVIDEO_CHROMIUM, then `chromium` on PATH, then Playwright's own build. Debian's package needs root
+# and apt-get; elsewhere Playwright downloads its own into ~/.cache/ms-playwright (a no-op once there).
+browser() {
+  if [ -n "${FITVIDEO_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1; then
+    return 0
+  fi
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[fitvideo] installing Debian's chromium for the browser test (once)"
+    if apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; then
+      return 0
+    fi
+  else
+    echo "[fitvideo] installing Playwright's chromium for the browser test (once)"
+    if "$VENV/bin/python" -m playwright install chromium; then
+      return 0
+    fi
+  fi
+  # The rest of the suite is still worth running; the browser test then fails and says how to install one.
+  echo "[fitvideo] could not install a Chromium: tests/test_browser.py will fail (set FITVIDEO_CHROMIUM to a browser)" >&2
+}
+
 setup
 case "${1:-}" in
   test)
     shift
+    browser
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)
