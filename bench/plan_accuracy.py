@@ -191,7 +191,7 @@ def run_case(case: dict, calibrate: bool = False) -> dict:
     # diffusers and transformers import model code lazily, on first attribute access: pull in everything the
     # case uses now, so its code pages land in the baseline and not in the measured work
     for name in ("AutoencoderKLCogVideoX", "AutoencoderKLWan", "CogVideoXTransformer3DModel", "WanTransformer3DModel",
-                 *loaders.FAMILY_PIPELINES[spec.family].values()):
+                 *spec.family_module.pipelines.values()):
         getattr(diffusers, name)
     import transformers
 
@@ -299,9 +299,9 @@ def _diffusers_tile_stride(family: str, tile: int) -> int:
     """The output-pixel stride diffusers' tiling uses for `tile` (configure_vae_tiling's choice)."""
     if family == "wan":
         return max(8, (tile * 3 // 4) // 8 * 8)
-    from vram_utils.offload import _cogvideox_overlap_factor
+    from families.cogvideox import overlap_factor
 
-    f = _cogvideox_overlap_factor(tile, 8, 1 / 6)
+    f = overlap_factor(tile, 8, 1 / 6)
     return tile - int(tile * f)
 
 

@@ -14,10 +14,12 @@ from typing import Literal, get_args
 
 import yaml
 
+from families import FAMILIES, ModelFamily, get_family
+
 CONFIG_DIR = Path(__file__).resolve().parent
 
 Task = Literal["t2v", "i2v", "v2v"]
-Family = Literal["cogvideox", "wan"]
+Family = str  # a module of families/ ("cogvideox", "wan"): families.FAMILIES is the list
 Offload = Literal["none", "model", "group", "sequential"]
 OffloadChoice = Literal["auto", "none", "model", "group", "sequential"]
 Quant = Literal["none", "int8", "fp8", "fp8-storage"]
@@ -30,8 +32,6 @@ QUANTS: tuple[str, ...] = get_args(Quant)
 PRESETS: tuple[str, ...] = get_args(PresetName)
 
 SEED_MAX = 2**32 - 1
-# Frames per latent frame for both families' VAEs (temporal compression 4, first frame alone).
-FRAME_RULE = {"cogvideox": 8, "wan": 4}
 MAX_SIDE_PX = 4096
 MAX_PROMPT_CHARS = 10_000
 
@@ -64,10 +64,23 @@ class ModelSpec:
     published_vram_gb: dict[str, float] = field(default_factory=dict)
     shared_weights: dict[str, str] = field(default_factory=dict)  # component -> weight group
     tiny: bool = False
+    # Shapes and counts the memory planner needs (families.ModelFamily.arch): component -> config values,
+    # component -> {"largest_leaf", "non_block", "block_leaf"} parameter counts.
+    config: dict[str, dict] = field(default_factory=dict)
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)
+    folder: str | None = None  # a local diffusers folder (configs/local.py), not a registry entry
+
+    @property
+    def family_module(self) -> ModelFamily:
+        return get_family(self.family)
 
     @property
     def frame_step(self) -> int:
-        return FRAME_RULE[self.family]
+        return self.family_module.frame_step
+
+    def component_parts(self) -> dict[str, dict[str, int]]:
+        """`parts` with each component's total parameter count (from `params`) added as "total"."""
+        return {c: {**self.parts.get(c, {}), "total": n} for c, n in self.params.items()}
 
     @property
     def default_resolution(self) -> tuple[int, int]:
@@ -179,6 +192,8 @@ def _model_from_yaml(model_id: str, raw: dict) -> ModelSpec:
         t: TaskSpec(spec["pipeline"], spec["repo"], tuple(spec["fixed_size"]) if spec.get("fixed_size") else None)
         for t, spec in raw["tasks"].items()
     }
+    if raw["family"] not in FAMILIES:
+        raise ValueError(f"models.yaml: {model_id} has family {raw['family']!r}; known: {', '.join(FAMILIES)}")
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"models.yaml: {model_id} has unknown task(s) {sorted(unknown)}; allowed: {TASKS}")
@@ -198,6 +213,8 @@ def _model_from_yaml(model_id: str, raw: dict) -> ModelSpec:
         published_vram_gb={k: float(v) for k, v in (raw.get("published_vram_gb") or {}).items()},
         shared_weights=dict(raw.get("shared_weights") or {}),
         tiny=bool(raw.get("tiny", False)),
+        config={c: dict(v) for c, v in (raw.get("config") or {}).items()},
+        parts={c: {k: int(n) for k, n in v.items()} for c, v in (raw.get("parts") or {}).items()},
     )
 
 
@@ -217,10 +234,18 @@ def load_presets(path: Path = CONFIG_DIR / "presets.yaml") -> dict[str, Preset]:
 
 
 def get_model_spec(model: str) -> ModelSpec:
+    """A registry model by id, or a local diffusers folder by path (configs/local.py)."""
     registry = load_registry()
     if model in registry:
         return registry[model]
-    raise RequestError(f"unknown model {model!r}; known models: {', '.join(registry)}")
+    from configs import local
+
+    if local.is_model_folder(model):
+        return local.spec_from_folder(model)
+    raise RequestError(
+        f"unknown model {model!r}; known models: {', '.join(registry)}, or a local diffusers folder "
+        "(one with model_index.json)"
+    )
 
 
 def models_for_task(task: str) -> list[str]:
@@ -235,10 +260,11 @@ def _check_number(name: str, value, lo: float, hi: float, allowed: str) -> None:
         raise RequestError(f"{name}={value!r} is not allowed; {allowed}")
 
 
-def resolve_request(req: GenerationRequest) -> GenerationRequest:
+def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> GenerationRequest:
     """Validate a request once, before anything loads, and fill its defaults.
 
-    Raises RequestError naming the offending value and what is allowed.
+    Raises RequestError naming the offending value and what is allowed. `check_files=False` leaves out the
+    input image / video checks (a plan preview before anything is uploaded: the file does not change the plan).
     """
     spec = get_model_spec(req.model)
     if req.task not in TASKS:
@@ -293,10 +319,11 @@ def resolve_request(req: GenerationRequest) -> GenerationRequest:
         raise RequestError(f"offload={req.offload!r} is not allowed; choose one of {get_args(OffloadChoice)}")
     if req.quant not in QUANTS:
         raise RequestError(f"quant={req.quant!r} is not allowed; choose one of {QUANTS}")
-    if req.task == "i2v":
+    if req.task == "i2v" and check_files:
         _check_input_file("image", req.image)
     if req.task == "v2v":
-        _check_input_file("video", req.video)
+        if check_files:
+            _check_input_file("video", req.video)
         _check_number("strength", req.strength, 0.0, 1.0, "use a number from 0 to 1")
     check_decode(req.decode)
     return req.replace(

@@ -35,13 +35,12 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-Family = str  # "cogvideox" | "wan"
 
 
 class CausalDecoder:
     """Decode one chunk of latent frames of one tile, carrying each tile's causal state across chunks."""
 
-    family: Family = ""
+    family: str = ""  # the families/ module this VAE belongs to
     spatial_factor: int = 8  # output pixels per latent pixel
     temporal_factor: int = 4  # output frames per latent frame, after the first
     own_chunk: int = 1  # latent frames per chunk in diffusers' own decode
@@ -306,11 +305,19 @@ class WanCausal(CausalDecoder):
 
 
 def causal_decoder(vae: torch.nn.Module, frame_by_frame: bool = False) -> CausalDecoder:
-    """The chunked decoder for a diffusers VAE (AutoencoderKLCogVideoX or AutoencoderKLWan)."""
-    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
+    """The chunked decoder for a diffusers VAE, found by its family's VAE class (families/)."""
+    from families import family_of_vae
 
-    if isinstance(vae, AutoencoderKLCogVideoX):
-        return CogVideoXCausal(vae, frame_by_frame=frame_by_frame)
-    if isinstance(vae, AutoencoderKLWan):
-        return WanCausal(vae)
-    raise TypeError(f"streaming decode supports AutoencoderKLCogVideoX and AutoencoderKLWan, not {type(vae).__name__}")
+    try:
+        family = family_of_vae(vae)
+    except TypeError:
+        raise TypeError(
+            f"streaming decode supports {', '.join(DECODERS)}, not {type(vae).__name__}"
+        ) from None
+    decoder = DECODERS[family.vae_class](vae)
+    decoder.frame_by_frame = decoder.frame_by_frame or frame_by_frame
+    return decoder
+
+
+# families.ModelFamily.vae_class -> its chunked decoder
+DECODERS: dict[str, type[CausalDecoder]] = {"AutoencoderKLCogVideoX": CogVideoXCausal, "AutoencoderKLWan": WanCausal}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 import pipeline_utils
-from configs.schema import load_registry
+from configs.schema import get_model_spec, load_registry
 from pipeline_utils.loaders import load_shared_pipeline, resolve_dtype
 from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
 
@@ -117,6 +117,26 @@ class PipelineCache:
                                 seen[id(t)] = tensor_bytes(t)
             return sum(seen.values()), set(seen)
 
+    def resident_bytes(self, model: str, task: str, quant: str, device_type: str) -> int:
+        """Bytes of cached weights on `device_type` that a run of (model, task, quant) would use as they are:
+        its own pipeline's, or the components it would share with another cached pipeline. The planner
+        counts them as available, since the run needs no second copy of them."""
+        from vram_utils import tensor_bytes
+
+        torch_dtype = resolve_dtype(self.dtype, get_model_spec(model))
+        wanted = {weight_key(model, task, c, torch_dtype, quant) for c in SHAREABLE}
+        with self._lock:
+            seen: dict[int, int] = {}
+            for entry in self._entries.values():
+                for comp, wk in entry.weight_keys.items():
+                    module = getattr(entry.pipe, comp, None)
+                    if wk not in wanted or not isinstance(module, torch.nn.Module):
+                        continue
+                    for t in list(module.parameters()) + list(module.buffers()):
+                        if t.device.type == device_type and id(t) not in seen:
+                            seen[id(t)] = tensor_bytes(t)
+            return sum(seen.values())
+
     def _users(self, wk: str) -> int:
         return sum(wk in e.weight_keys.values() for e in self._entries.values())
 
@@ -130,8 +150,7 @@ class PipelineCache:
                 entry.last_used = time.time()
                 logger.debug("cache hit %s", key)
                 return entry.pipe
-            spec = load_registry().get(model)
-            torch_dtype = resolve_dtype(self.dtype, spec)
+            torch_dtype = resolve_dtype(self.dtype, get_model_spec(model))
             wanted = {c: weight_key(model, task, c, torch_dtype, quant) for c in SHAREABLE}
             shared = self._find_shared(wanted)
             pipe = load_shared_pipeline(model, task, shared, torch_dtype)

@@ -7,7 +7,6 @@ the tiny family too.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -15,22 +14,13 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import TASKS, ModelSpec, RequestError, get_model_spec, load_registry
+from configs.local import ModelUnavailableError, missing_files  # noqa: F401  (re-exported)
+from configs.schema import TASKS, ModelSpec, RequestError, get_model_spec
 from pipeline_utils.tiny import TINY_NAMES, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FAMILY_PIPELINES = {
-    "cogvideox": {"t2v": "CogVideoXPipeline", "i2v": "CogVideoXImageToVideoPipeline", "v2v": "CogVideoXVideoToVideoPipeline"},
-    "wan": {"t2v": "WanPipeline", "i2v": "WanImageToVideoPipeline", "v2v": "WanVideoToVideoPipeline"},
-}
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
-
-
-class ModelUnavailableError(RequestError):
-    """The model's weights are not on this machine (or its folder is incomplete)."""
 
 
 @dataclass(frozen=True)
@@ -55,38 +45,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, spec: ModelSpec | None = None
     if name not in DTYPES:
         raise RequestError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def folder_family(folder: Path) -> str:
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    name = index.get("_class_name", "")
-    for family, prefix in (("cogvideox", "CogVideoX"), ("wan", "Wan")):
-        if name.startswith(prefix):
-            return family
-    raise RequestError(f"{folder} holds a {name or 'unknown'} pipeline; FitVideo serves CogVideoX and Wan pipelines")
-
-
-def missing_files(folder: Path) -> list[str]:
-    """Names of the files a diffusers pipeline folder lacks (model_index.json lists its components)."""
-    folder = Path(folder)
-    index_path = folder / "model_index.json"
-    if not index_path.is_file():
-        return ["model_index.json"]
-    index = json.loads(index_path.read_text())
-    missing = []
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
-            continue
-        sub = folder / name
-        if not sub.is_dir():
-            missing.append(f"{name}/")
-            continue
-        files = [p.name for p in sub.iterdir()]
-        if not any(f in _CONFIG_NAMES or f == "tokenizer.json" or f.endswith(".model") for f in files):
-            missing.append(f"{name}/config.json")
-        if (sub / "config.json").is_file() and not any(f.endswith(_WEIGHT_SUFFIXES) for f in files):
-            missing.append(f"{name}/ (weights: *.safetensors)")
-    return missing
 
 
 def _hub_folder(repo: str) -> Path | None:
@@ -115,16 +73,12 @@ def resolve_source(model: str, task: str) -> Source:
     """Find where the pipeline for (model, task) comes from, without loading anything big."""
     if task not in TASKS:
         raise RequestError(f"task={task!r} is not allowed; choose one of {TASKS}")
-    path = Path(model).expanduser()
-    if model not in load_registry() and path.is_dir():
-        missing = missing_files(path)
-        if missing:
-            raise ModelUnavailableError(f"model folder {str(path)!r} is incomplete; missing: {', '.join(missing)}")
-        return Source(model, task, FAMILY_PIPELINES[folder_family(path)][task], path, str(path))
-    spec = get_model_spec(model)
+    spec = get_model_spec(model)  # a registry id, or a local folder (an incomplete one names what it lacks)
     if task not in spec.tasks:
         raise RequestError(f"model {model!r} has no {task} pipeline; it serves: {', '.join(spec.tasks)}")
     task_spec = spec.tasks[task]
+    if spec.folder:
+        return Source(model, task, task_spec.pipeline, Path(spec.folder), spec.folder)
     if spec.tiny:
         name, sub = task_spec.repo.split("/")
         assert name in TINY_NAMES, name
@@ -153,7 +107,7 @@ def load_shared_pipeline(
     import diffusers
 
     source = resolve_source(model, task)
-    spec = load_registry().get(model)
+    spec = get_model_spec(model)
     torch_dtype = resolve_dtype(dtype, spec)
     cls = getattr(diffusers, source.pipeline)
     shared = dict(shared_components or {})

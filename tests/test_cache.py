@@ -119,3 +119,25 @@ def test_concurrent_gets_of_one_pipeline_load_it_once(tiny_models):
         t.join()
     assert not errors and len(got) == 4 and all(p is got[0] for p in got)
     assert cache.loads == 1
+
+
+def test_a_second_run_of_a_cached_model_is_planned_with_its_weights_already_resident(tiny_models, tmp_path):
+    from configs.schema import GenerationRequest, resolve_request
+    from pipeline_utils.runner import Runner
+    from vram_utils.probe import GIB, DeviceInfo
+
+    machine = DeviceInfo(False, (), 24 * GIB, 20 * GIB, 1 * GIB)  # synthetic: the same free RAM both times
+    runner = Runner(PipelineCache(max_size=2), outputs_dir=tmp_path)
+    req = resolve_request(GenerationRequest(model="tiny-wan", task="t2v", prompt="a cat", frames=9, height=32,
+                                            width=32, steps=2))
+    cold = runner.plan(req, machine)
+    runner.generate(req)
+    pipe = runner.cache.get("tiny-wan", "t2v")
+    weights = sum(vram_utils.module_bytes(getattr(pipe, c)) for c in ("transformer", "vae", "text_encoder"))
+    assert runner.cache.resident_bytes("tiny-wan", "t2v", "none", "cpu") == weights > 0
+    warm = runner.plan(req, machine)
+    assert warm.budget_bytes - cold.budget_bytes == weights
+    # V2V shares every weight of the cached T2V pipeline; another model shares nothing
+    assert runner.cache.resident_bytes("tiny-wan", "v2v", "none", "cpu") == weights
+    assert runner.cache.resident_bytes("tiny-cogvideox", "t2v", "none", "cpu") == 0
+    assert runner.cache.resident_bytes("tiny-wan", "t2v", "none", "cuda") == 0

@@ -185,27 +185,13 @@ def apply_offload_strategy(pipe, strategy: Offload = "model", device: str | torc
 # --------------------------------------------------------------------------- VAE tiling
 
 
-def _cogvideox_overlap_factor(tile_px: int, ratio: int, default: float) -> float:
-    """An overlap factor with which diffusers' CogVideoX tiling puts tiles back at the right size.
+def _family(vae):
+    from families import family_of_vae
 
-    Its tiled decode steps `int(L * (1 - f))` latent rows per tile (L = tile_px / ratio) but keeps
-    `tile_px - int(tile_px * f)` pixel rows of each, so unless the two agree the video comes out the
-    wrong size (120 px tiles give 248 rows for 240). The encode side has the mirror condition. Search
-    the latent overlap nearest to the default for which both hold, in the same float arithmetic.
-    """
-    latent = tile_px // ratio
-
-    def exact(f: float) -> bool:
-        decode_ok = int(latent * (1 - f)) * ratio == tile_px - int(tile_px * f)
-        encode_ok = int(tile_px * (1 - f)) == ratio * (latent - int(latent * f))
-        return decode_ok and encode_ok and 0 < int(latent * (1 - f)) < latent
-
-    target = default * latent
-    for overlap in sorted(range(1, latent), key=lambda o: abs(o - target)):
-        f = overlap / latent
-        if exact(f):
-            return f
-    raise ValueError(f"tile size {tile_px} px leaves no exact overlap for the CogVideoX VAE; use e.g. 240, 256 or 360")
+    try:
+        return family_of_vae(vae)
+    except TypeError:
+        return None  # another VAE class: diffusers' own tiling with its defaults
 
 
 def configure_vae_tiling(
@@ -218,43 +204,25 @@ def configure_vae_tiling(
 ):
     """Turn the VAE's tiled encode/decode on or off, with tile sizes in output pixels (seed 003 API).
 
-    Accepts a pipeline or a VAE. For CogVideoX the overlap factors are chosen so the output keeps its
-    size (diffusers' defaults break for many custom tile sizes); for Wan the stride defaults to 3/4
-    of the tile.
+    Accepts a pipeline or a VAE. The family sets the tiles (families/: for CogVideoX, overlap factors with
+    which the output keeps its size, where diffusers' defaults break for many custom tile sizes; for Wan,
+    a stride of 3/4 of the tile unless given).
     """
     vae = getattr(pipe, "vae", pipe)
     if not enable:
         vae.disable_tiling()
         return pipe
-    ratio = _vae_ratio(vae)
+    family = _family(vae)
+    if family is None:
+        vae.enable_tiling()
+        return pipe
+    ratio = family.vae_spatial_ratio(vae)
     for name, value in (("tile_sample_min_height", tile_sample_min_height), ("tile_sample_min_width", tile_sample_min_width)):
         if value is not None and (value <= 0 or value % ratio):
             raise ValueError(f"{name}={value!r} is not allowed; use a positive multiple of {ratio} px (the VAE's scale)")
-    if type(vae).__name__ == "AutoencoderKLCogVideoX":
-        kwargs = {}
-        if tile_sample_min_height:
-            kwargs["tile_sample_min_height"] = tile_sample_min_height
-            kwargs["tile_overlap_factor_height"] = _cogvideox_overlap_factor(tile_sample_min_height, ratio, 1 / 6)
-        if tile_sample_min_width:
-            kwargs["tile_sample_min_width"] = tile_sample_min_width
-            kwargs["tile_overlap_factor_width"] = _cogvideox_overlap_factor(tile_sample_min_width, ratio, 1 / 5)
-        vae.enable_tiling(**kwargs)
-    elif type(vae).__name__ == "AutoencoderKLWan":
-        def stride(tile: int | None, given: int | None) -> int | None:
-            if given is not None:
-                if given > (tile or given) or given % ratio:
-                    raise ValueError(f"tile stride {given} px must be a multiple of {ratio} and at most the tile")
-                return given
-            return None if tile is None else max(ratio, (tile * 3 // 4) // ratio * ratio)
-
-        vae.enable_tiling(
-            tile_sample_min_height=tile_sample_min_height,
-            tile_sample_min_width=tile_sample_min_width,
-            tile_sample_stride_height=stride(tile_sample_min_height, tile_sample_stride_height),
-            tile_sample_stride_width=stride(tile_sample_min_width, tile_sample_stride_width),
-        )
-    else:
-        vae.enable_tiling()
+    family.enable_vae_tiling(
+        vae, (tile_sample_min_height, tile_sample_min_width), (tile_sample_stride_height, tile_sample_stride_width)
+    )
     return pipe
 
 
@@ -273,29 +241,22 @@ def apply_plan(pipe, plan: Plan) -> None:
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return
-    if d.enable_vae_tiling:
-        ratio = _vae_ratio(vae)
-        snap = lambda px: max(ratio, px // ratio * ratio)  # noqa: E731 - tiles must be whole latent pixels
-        try:
-            configure_vae_tiling(pipe, True, snap(d.tile_y), snap(d.tile_x),
-                                 *(_wan_strides(vae, d, ratio, snap)))
-        except ValueError as exc:  # a tile size CogVideoX cannot reassemble exactly: its defaults are safe
-            logger.info("VAE tiling with the VAE's default tiles (%s)", exc)
-            configure_vae_tiling(pipe, True)
-    else:
+    if not d.enable_vae_tiling:
         configure_vae_tiling(pipe, False)
+        return
+    family = _family(vae)
+    ratio = family.vae_spatial_ratio(vae) if family else 8
 
+    def snap(px: int) -> int:  # tiles must be whole latent pixels
+        return max(ratio, px // ratio * ratio)
 
-def _vae_ratio(vae) -> int:
-    if hasattr(vae.config, "block_out_channels"):
-        return 2 ** (len(vae.config.block_out_channels) - 1)
-    return int(getattr(vae.config, "scale_factor_spatial", 8))
-
-
-def _wan_strides(vae, d, ratio: int, snap) -> tuple[int | None, int | None]:
-    if type(vae).__name__ != "AutoencoderKLWan":
-        return None, None
-    return min(snap(d.tile_stride_y), snap(d.tile_y)), min(snap(d.tile_stride_x), snap(d.tile_x))
+    tile = (snap(d.tile_y), snap(d.tile_x))
+    stride = (min(snap(d.tile_stride_y), tile[0]), min(snap(d.tile_stride_x), tile[1]))
+    try:
+        configure_vae_tiling(pipe, True, *tile, *stride)
+    except ValueError as exc:  # a tile size CogVideoX cannot reassemble exactly: its defaults are safe
+        logger.info("VAE tiling with the VAE's default tiles (%s)", exc)
+        configure_vae_tiling(pipe, True)
 
 
 apply = apply_plan  # DESIGN.md names it vram_utils.offload.apply(pipe, plan)
