@@ -2,7 +2,7 @@
 
 Public API (used by pipeline_utils.runner and pipeline_utils.redecode):
 `to_vae_latents`, `stream_decode`, `StreamingDecode`, `DecodeStats`, `OomStep`, `DecodeCancelled`,
-`DecodeOutOfMemory`, `to_uint8_frames`, `VideoWriter`, `partial_path`, `write_json_atomic`, `remove_partials`.
+`DecodeOutOfMemory`, `decode_ladder`, `to_uint8_frames`, `VideoWriter`, `partial_path`, `write_json_atomic`, `remove_partials`.
 """
 from decode.latents import to_vae_latents  # noqa: F401
 from decode.stream import (  # noqa: F401
@@ -12,6 +12,7 @@ from decode.stream import (  # noqa: F401
     DecodeStats,
     OomStep,
     StreamingDecode,
+    decode_ladder,
     stream_decode,
     to_uint8_frames,
 )

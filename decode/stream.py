@@ -8,9 +8,11 @@ No tensor ever holds the whole decoded video, on the device or in RAM: the large
 (a few frames, float32, full size) plus the causal caches. On a CUDA device the caches of the tiles not
 being decoded wait in host memory, so the device holds one tile's cache at a time.
 
-Out of memory: the tile is halved (down to MIN_TILE_PX); at the floor, the rest of the video is decoded one
-latent frame per chunk (frame by frame). The caches are rebuilt by decoding the earlier chunks again without
-output, and the chunk is retried. Every step down is in the stats.
+Out of memory: the decode steps down the decode rungs of the one ladder (vram_utils/ladder.py): tiling on,
+tiles halved down to its floor, then smaller chunks down to one latent frame (frame by frame). The caches are
+rebuilt by decoding the earlier chunks again without output, and the chunk is retried. Every step down is in
+the stats; at the bottom, DecodeOutOfMemory says where the decode ended, so a caller never tries those rungs
+again. A caller with cheaper rungs to try first (offload on a GPU) passes `step_down=False`.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ import torch
 from configs.schema import DecodeSettings, check_decode
 from decode.causal import CausalDecoder, causal_decoder
 from decode.tiling import TileLayout, blend_weight, plan_tiles
+from vram_utils.ladder import TILE_FLOOR_PX, DecodeStep, Ladder
 from vram_utils.sizes import is_out_of_memory, release_memory, trim_host_heap
 
 logger = logging.getLogger(__name__)
 
-MIN_TILE_PX = 64  # smaller tiles see too little context for a clean seam; below this an OOM is raised
+MIN_TILE_PX = TILE_FLOOR_PX  # the ladder's one tile floor; below it an OOM is raised
 
 
 class FrameSink(Protocol):
@@ -43,7 +46,13 @@ class DecodeCancelled(Exception):
 
 
 class DecodeOutOfMemory(torch.OutOfMemoryError):
-    """Out of memory even at the smallest tile. Still a torch.OutOfMemoryError, so callers' OOM handling applies."""
+    """Out of memory at the bottom of the decode rungs. Still a torch.OutOfMemoryError, so callers' OOM handling
+    applies; `settings` is where the decode ended and `steps` how it got there, so no caller retries them."""
+
+    def __init__(self, message: str, settings: DecodeSettings | None = None, steps: tuple["OomStep", ...] = ()):
+        super().__init__(message)
+        self.settings = settings
+        self.steps = steps
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class OomStep:
     stride_to_px: tuple[int, int] | None
     replayed_chunks: int  # earlier chunks decoded again (without output) to rebuild the caches
     error: str
-    action: str = "halve tiles"  # or "one latent frame per chunk" once the tiles are at the floor
+    action: str = "halve tiles"  # or "one latent frame per chunk" (or "chunks of N latent frames") at the tile floor
 
     def change(self) -> str:
         """One line for the person and the sidecar."""
@@ -126,7 +135,7 @@ def execution_device(vae: torch.nn.Module) -> torch.device:
 class StreamingDecode:
     """One decode of one latent video. Iterate `chunks()`; read `stats()` afterwards."""
 
-    def __init__(self, vae: torch.nn.Module, latents: torch.Tensor, settings: DecodeSettings):
+    def __init__(self, vae: torch.nn.Module, latents: torch.Tensor, settings: DecodeSettings, step_down: bool = True):
         check_decode(settings, min_px=1, max_px=None)
         if latents.ndim != 5 or latents.shape[0] != 1:
             raise ValueError(f"latents must be (1, C, F, H, W) for one video, got {tuple(latents.shape)}")
@@ -147,6 +156,12 @@ class StreamingDecode:
         self._stride_px: tuple[int, int] | None = (
             (settings.tile_stride_y, settings.tile_stride_x) if settings.enable_vae_tiling else None
         )
+        # Where the decode stands on the ladder's decode rungs (what an out-of-memory steps down from), and
+        # whether it steps at all (False: an out-of-memory is raised as it is, for the caller's own rungs).
+        self.position = settings
+        self.step_down = step_down
+        self.ladder = Ladder(cuda=False, own_chunk=self.decoder.own_chunk,
+                             frame_px=(self.lat_h * self.factor, self.lat_w * self.factor), spatial_factor=self.factor)
         self.oom_steps: list[OomStep] = []
         self.frames = 0
         self.chunks_done = 0
@@ -160,6 +175,23 @@ class StreamingDecode:
     @property
     def num_chunks(self) -> int:
         return len(self.bounds)
+
+    def write_to(
+        self, sink: FrameSink, on_chunk: Callable[[int, int], None] | None = None, stop: threading.Event | None = None
+    ) -> DecodeStats:
+        """Every chunk into `sink.write((T, H, W, 3) uint8)`; on_chunk(j, m) after chunk j of m (1-based) is in."""
+        for j, frames in enumerate(self.chunks(lambda video: to_uint8_frames(video).cpu().numpy(), stop), start=1):
+            sink.write(frames)
+            del frames
+            if on_chunk is not None:
+                on_chunk(j, self.num_chunks)  # the count grows if an out-of-memory step splits the chunks
+        stats = self.stats()
+        logger.info(
+            "decoded %d frames (%dx%d) in %d chunks, %.1f s%s",
+            stats.frames, stats.width, stats.height, stats.chunks, stats.seconds,
+            f"; {len(stats.oom_steps)} out-of-memory step(s) down" if stats.oom_steps else "",
+        )
+        return stats
 
     def chunks(
         self, convert: Callable[[torch.Tensor], Any], stop: threading.Event | None = None
@@ -200,7 +232,7 @@ class StreamingDecode:
                     out = convert(video)
                     del video
                 except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
-                    if not is_out_of_memory(exc):
+                    if not is_out_of_memory(exc) or not self.step_down:
                         raise
                     failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 if failure is not None:
@@ -329,58 +361,66 @@ class StreamingDecode:
 
     # ---------------------------------------------------------------- out of memory
 
-    def _split_chunks(self, j: int, tile_px: tuple[int, int], error: str) -> bool:
-        """The last rung: from chunk j on, one latent frame per chunk, frame by frame. False if already so."""
-        if self.decoder.frame_by_frame and all(b - a == 1 for a, b in self.bounds[j:]):
-            return False
-        self.bounds = _split_chunks_after(self.bounds, j)
-        self.decoder.frame_by_frame = True
-        self.chunk_frames = 1
-        self.oom_steps.append(OomStep(j, tile_px, tile_px, self._stride_px, j, error, "one latent frame per chunk"))
+    def _step_down(self, j: int, error: str) -> None:
+        """One decode rung down the ladder from where the decode stands; DecodeOutOfMemory at the bottom."""
+        while (step := self.ladder.next_decode(self.position)) is not None:
+            taken = self._split_chunks(j, step, error) if step.kind == "chunks" else self._retile(j, step, error)
+            self.position = step.settings
+            if taken:
+                return
+        tile = (self.layout.max_tile_h * self.factor, self.layout.max_tile_w * self.factor)
+        raise DecodeOutOfMemory(
+            f"out of memory decoding chunk {j + 1}/{self.num_chunks} even with {tile[0]}x{tile[1]} px tiles "
+            f"(the floor is {MIN_TILE_PX} px) and one latent frame per chunk "
+            f"({len(self.oom_steps)} step(s) down already): {error}",
+            settings=self.position, steps=tuple(self.oom_steps),
+        )
+
+    def _retile(self, j: int, step: DecodeStep, error: str) -> bool:
+        """Smaller tiles from chunk j on (the settings' tiles, clamped to the frame)."""
+        f, s = self.factor, step.settings
+        before = (self.layout.max_tile_h * f, self.layout.max_tile_w * f)
+        stride = (s.tile_stride_y, s.tile_stride_x)
+        self.layout = plan_tiles(self.lat_h, self.lat_w, f, (s.tile_y, s.tile_x), stride)
+        self._stride_px = stride
+        self._weights.clear()
+        after = (self.layout.max_tile_h * f, self.layout.max_tile_w * f)
+        self.oom_steps.append(OomStep(j, before, after, stride, j, error))
         logger.warning(
-            "out of memory at decode chunk %d: tiles are at the floor; decoding the rest one latent frame per chunk "
-            "(%d chunks now), replaying %d earlier chunk(s)", j + 1, self.num_chunks, j,
+            "out of memory at decode chunk %d/%d: tiles %dx%d -> %dx%d px (stride %dx%d), replaying %d earlier chunk(s)",
+            j + 1, self.num_chunks, *before, *after, *stride, j,
         )
         return True
 
-    def _step_down(self, j: int, error: str) -> None:
-        f = self.factor
-        # Halve the largest tile asked for (the layout's own may be smaller) and report it, so that the
-        # settings a step names reproduce it.
-        old_h, old_w = self.layout.max_tile_h, self.layout.max_tile_w
-        floor = max(1, MIN_TILE_PX // f)
-        tile_h = max(floor, old_h // 2) if old_h > floor else old_h
-        tile_w = max(floor, old_w // 2) if old_w > floor else old_w
-        before = (old_h * f, old_w * f)
-        if (tile_h, tile_w) == (old_h, old_w):
-            if self._split_chunks(j, before, error):
-                return
-            raise DecodeOutOfMemory(
-                f"out of memory decoding chunk {j + 1}/{self.num_chunks} even with {before[0]}x{before[1]} px tiles "
-                f"(the floor is {MIN_TILE_PX} px) and one latent frame per chunk "
-                f"({len(self.oom_steps)} step(s) down already): {error}"
-            )
-        # Keep the overlap in proportion to the tile, so seams stay blended.
-        if self._stride_px is not None:
-            sy = self._stride_px[0] * tile_h // old_h
-            sx = self._stride_px[1] * tile_w // old_w
-        else:  # was untiled: a quarter of the tile overlaps
-            sy, sx = tile_h * f * 3 // 4, tile_w * f * 3 // 4
-        stride = (max(f, sy // f * f), max(f, sx // f * f))
-        self.layout = plan_tiles(self.lat_h, self.lat_w, f, (tile_h * f, tile_w * f), stride)
-        self._stride_px = stride
-        self._weights.clear()
-        step = OomStep(j, before, (tile_h * f, tile_w * f), stride, j, error)
-        self.oom_steps.append(step)
+    def _split_chunks(self, j: int, step: DecodeStep, error: str) -> bool:
+        """Smaller chunks from chunk j on (one latent frame: frame by frame too). False if nothing would change."""
+        size = step.settings.chunk_frames
+        bounds = _split_chunks_after(self.bounds, j, size)
+        by_frame = self.decoder.frame_by_frame or size == 1
+        if bounds == self.bounds and by_frame == self.decoder.frame_by_frame:
+            return False
+        self.bounds, self.decoder.frame_by_frame, self.chunk_frames = bounds, by_frame, size
+        tile = (self.layout.max_tile_h * self.factor, self.layout.max_tile_w * self.factor)
+        action = "one latent frame per chunk" if size == 1 else f"chunks of {size} latent frames"
+        self.oom_steps.append(OomStep(j, tile, tile, self._stride_px, j, error, action))
         logger.warning(
-            "out of memory at decode chunk %d/%d: tiles %dx%d -> %dx%d px (stride %dx%d), replaying %d earlier chunk(s)",
-            j + 1, self.num_chunks, *before, *step.tile_to_px, *stride, j,
+            "out of memory at decode chunk %d: tiles are at the floor; decoding the rest in %s (%d chunks now), "
+            "replaying %d earlier chunk(s)", j + 1, action, self.num_chunks, j,
         )
+        return True
 
 
-def _split_chunks_after(bounds: list[tuple[int, int]], j: int) -> list[tuple[int, int]]:
-    """Chunks [0, j) as they were; from chunk j on, one latent frame per chunk."""
-    return bounds[:j] + [(a, a + 1) for a in range(bounds[j][0], bounds[-1][1])]
+def _split_chunks_after(bounds: list[tuple[int, int]], j: int, size: int = 1) -> list[tuple[int, int]]:
+    """Chunks [0, j) as they were; from chunk j on, each chunk split into pieces of at most `size` latent frames
+    (existing boundaries are kept: Wan's first latent frame stays a chunk of its own)."""
+    return bounds[:j] + [(s, min(s + size, b)) for a, b in bounds[j:] for s in range(a, b, size)]
+
+
+def decode_ladder(vae: torch.nn.Module, frame_px: tuple[int, int] | None, cuda: bool = False) -> Ladder:
+    """The ladder for a decode with `vae`: its chunk rungs start at the VAE's own chunk (CogVideoX 2 latent
+    frames, Wan 1), its tiles are whole latent pixels. `frame_px` is the video's (height, width)."""
+    dec = causal_decoder(vae)
+    return Ladder(cuda=cuda, own_chunk=dec.own_chunk, frame_px=frame_px, spatial_factor=dec.spatial_factor)
 
 
 def stream_decode(
@@ -395,16 +435,4 @@ def stream_decode(
 
     on_chunk(j, m) runs after chunk j of m (1-based) is in the sink; it may raise to cancel.
     """
-    run = StreamingDecode(vae, latents, settings)
-    for j, frames in enumerate(run.chunks(lambda video: to_uint8_frames(video).cpu().numpy(), stop), start=1):
-        sink.write(frames)
-        del frames
-        if on_chunk is not None:
-            on_chunk(j, run.num_chunks)  # the count grows if an out-of-memory step splits the chunks
-    stats = run.stats()
-    logger.info(
-        "decoded %d frames (%dx%d) in %d chunks, %.1f s%s",
-        stats.frames, stats.width, stats.height, stats.chunks, stats.seconds,
-        f"; {len(stats.oom_steps)} out-of-memory step(s) down" if stats.oom_steps else "",
-    )
-    return stats
+    return StreamingDecode(vae, latents, settings).write_to(sink, on_chunk, stop)

@@ -107,6 +107,7 @@ class VaeArch:
     largest_leaf_params: int
     top_channels: int = 0  # decoder channels at full resolution
     steady_chunk_frames: int = 4  # output frames a chunk after the first makes (CogVideoX 8, Wan 4)
+    own_chunk: int = 1  # latent frames per chunk in diffusers' own decode (ModelFamily.own_decode_chunk)
     cpu_extra_elems_per_px: float = 0.0
     cpu_im2col_elems_per_px: float = 0.0
 

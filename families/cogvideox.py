@@ -48,7 +48,7 @@ class CogVideoX(ModelFamily):
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:
-        tr, vae = configs["transformer"], configs["vae"]
+        tr, vae = configs.get("transformer", {}), configs["vae"]
         ratio = 2 ** (len(vae["block_out_channels"]) - 1)
         frames = int(tr.get("sample_frames", self.default_frames))
         packed = bool(tr.get("patch_size_t"))  # CogVideoX 1.5: 16 fps, up to 161 frames
@@ -77,7 +77,8 @@ class CogVideoX(ModelFamily):
         return VaeArch(
             params=parts["total"], latent_channels=latent, spatial_ratio=2 ** (len(cfg["block_out_channels"]) - 1),
             temporal_ratio=int(cfg.get("temporal_compression_ratio", 4)), chunk_latent_frames=3,
-            largest_leaf_params=parts["largest_leaf"], top_channels=top, steady_chunk_frames=8, **vars(profile),
+            largest_leaf_params=parts["largest_leaf"], top_channels=top, steady_chunk_frames=8,
+            own_chunk=self.own_decode_chunk, **vars(profile),
         )
 
     def text_seq_len(self, configs) -> int:

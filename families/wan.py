@@ -51,7 +51,7 @@ class Wan(ModelFamily):
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:
-        patch = configs["transformer"].get("patch_size") or (1, 2, 2)
+        patch = configs.get("transformer", {}).get("patch_size") or (1, 2, 2)
         return dict(
             resolutions=((480, 832), (832, 480)), default_frames=self.default_frames, max_frames=self.max_frames,
             fps=self.default_fps, size_multiple=self._spatial(configs["vae"]) * int(patch[1]),
@@ -74,7 +74,8 @@ class Wan(ModelFamily):
         return VaeArch(
             params=parts["total"], latent_channels=latent, spatial_ratio=self._spatial(cfg),
             temporal_ratio=int(cfg.get("scale_factor_temporal") or 4), chunk_latent_frames=1,
-            largest_leaf_params=parts["largest_leaf"], top_channels=top, steady_chunk_frames=4, **vars(profile),
+            largest_leaf_params=parts["largest_leaf"], top_channels=top, steady_chunk_frames=4,
+            own_chunk=self.own_decode_chunk, **vars(profile),
         )
 
     def text_seq_len(self, configs) -> int:

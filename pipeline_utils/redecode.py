@@ -1,9 +1,9 @@
 """Re-run only the decode of a saved run: `python app.py decode --latents run.latents.pt --out x.mp4 [tile flags]`.
 
-The runner saves `{"latents": z (VAE space, (B, C, F, H, W)), "request": request.to_dict(), "format": 1}`
-before it decodes. Here the VAE alone is loaded (the pipeline folder's "vae" subfolder, with the family's
-Autoencoder class), the latents are streamed into a new video, and a JSON sidecar records what was done,
-so a person can try decode settings without sampling again.
+The runner saves the latents (pipeline_utils/results.py: `SavedLatents`) before it decodes. Here the VAE
+alone is loaded (the pipeline folder's "vae" subfolder, with the family's Autoencoder class), the latents are
+streamed into a new video, and a sidecar in the runner's format (`Sidecar`, kind "decode") records what was
+done, so a person can try decode settings without sampling again.
 """
 from __future__ import annotations
 
@@ -17,21 +17,11 @@ import torch
 
 import decode
 import vram_utils
+from configs.schema import DecodeSettings, RequestError, check_decode, get_model_spec
 from pipeline_utils.recovery import decode_step_downs
-from configs.schema import DecodeSettings, GenerationRequest, RequestError, check_decode, load_registry
+from pipeline_utils.results import LATENTS_FORMAT, SavedLatents, Sidecar, sidecar_path, versions  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-LATENTS_FORMAT = 1
-VAE_CLASSES = {"cogvideox": "AutoencoderKLCogVideoX", "wan": "AutoencoderKLWan"}
-
-
-@dataclass(frozen=True)
-class SavedLatents:
-    latents: torch.Tensor  # (B, C, F, H, W), VAE space, CPU
-    request: GenerationRequest
-    path: Path
-
 
 @dataclass(frozen=True)
 class RedecodeResult:
@@ -44,31 +34,7 @@ class RedecodeResult:
 
 def load_latents(path: str | Path) -> SavedLatents:
     """Read a `<out>.latents.pt` file, with errors that say what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"latents file {str(path)!r} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged or foreign file
-        raise RequestError(f"latents file {str(path)!r} is not readable ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or "latents" not in data or "request" not in data:
-        raise RequestError(f"latents file {str(path)!r} is not a FitVideo latents file (no 'latents' and 'request')")
-    if data.get("format") != LATENTS_FORMAT:
-        raise RequestError(f"latents file {str(path)!r} has format {data.get('format')!r}; this version reads {LATENTS_FORMAT}")
-    z = data["latents"]
-    if not isinstance(z, torch.Tensor) or z.ndim != 5:
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise RequestError(f"latents in {str(path)!r} must be a (B, C, F, H, W) tensor, got {shape}")
-    return SavedLatents(z, GenerationRequest.from_dict(data["request"]), path)
-
-
-def family_of(model: str, folder: Path | None) -> str:
-    spec = load_registry().get(model)
-    if spec is not None:
-        return spec.family
-    from pipeline_utils.loaders import folder_family
-
-    return folder_family(folder)
+    return SavedLatents.read(path)
 
 
 def load_vae(model: str, task: str, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None):
@@ -78,11 +44,11 @@ def load_vae(model: str, task: str, dtype: str | torch.dtype | None = None, devi
     from pipeline_utils.loaders import resolve_dtype, resolve_source
 
     source = resolve_source(model, task)
-    family = family_of(model, source.folder)
-    torch_dtype = resolve_dtype(dtype, load_registry().get(model))
-    cls = getattr(diffusers, VAE_CLASSES[family])
+    spec = get_model_spec(model)  # a registry id or a local folder: its family names the VAE class
+    torch_dtype = resolve_dtype(dtype, spec)
+    cls = getattr(diffusers, spec.family_module.vae_class)
     where = str(source.folder or source.repo)
-    logger.info("loading the %s VAE of %s (%s) from %s", family, model, str(torch_dtype).removeprefix("torch."), where)
+    logger.info("loading the %s VAE of %s (%s) from %s", spec.family, model, str(torch_dtype).removeprefix("torch."), where)
     vae = cls.from_pretrained(where, subfolder="vae", dtype=torch_dtype)
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return vae.to(device).eval()
@@ -95,7 +61,6 @@ def redecode(
     fps: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
-    vae=None,
 ) -> RedecodeResult:
     """Decode a saved latents file into `out` (mp4): the run's own decode settings, with `overrides`
     (DecodeSettings field -> value) applied."""
@@ -107,29 +72,24 @@ def redecode(
     out = Path(out)
     if out.resolve() == saved.path.resolve():
         raise RequestError(f"--out {str(out)!r} is the latents file itself; choose an .mp4 path")
-    # 2. Load the VAE only (not the transformer or text encoder).
-    t0 = time.perf_counter()
-    if vae is None:
-        vae = load_vae(req.model, req.task, dtype=dtype, device=device)
-    load_s = time.perf_counter() - t0
-    # 3. Stream-decode into the video file (temporary name, renamed when complete).
     fps = fps or req.fps
     if not fps:
         raise RequestError(f"the request in {str(saved.path)!r} has no fps; pass --fps")
+    # 2. Load the VAE only (not the transformer or text encoder).
+    t0 = time.perf_counter()
+    vae = load_vae(req.model, req.task, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    # 3. Stream-decode into the video file (temporary name, renamed when complete).
     with vram_utils.PeakMeter() as meter, decode.VideoWriter(out, fps) as writer:
         stats = decode.stream_decode(vae, saved.latents, settings, writer)
-    # 4. Sidecar: what was decoded, how, how long, how much memory.
-    sidecar = out.with_suffix(".json")
-    decode.write_json_atomic(sidecar, {
-        "video": out.name,
-        "latents": str(saved.path),
-        "request": req.to_dict(),
-        "decode_settings": dataclasses.asdict(settings),
-        "decode": stats.to_dict(),
-        "step_downs": [s.to_dict() for s in decode_step_downs(stats)],
-        "timings": {"vae_load_s": load_s, "decode_s": stats.seconds},
-        "measured": meter.to_dict(),  # peak GPU / host bytes of the decode, as the runner's sidecar has them
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    })
+    # 4. Sidecar, in the runner's format: what was decoded, how, how long, how much memory.
+    sidecar = Sidecar(
+        video=out.name, request=req, kind="decode", latents=str(saved.path), frames=stats.frames,
+        decode_settings=settings, decode=stats.to_dict(),
+        step_downs=[s.to_dict() for s in decode_step_downs(stats)],
+        timings={"vae_load_s": load_s, "decode_s": stats.seconds},
+        measured=meter.to_dict(),  # peak GPU / host bytes of the decode, as the runner's sidecar has them
+        versions=versions(),
+    ).write(sidecar_path(out))
     logger.info("re-decoded %s -> %s (%d frames, %.1f s)", saved.path.name, out, stats.frames, stats.seconds)
     return RedecodeResult(out, sidecar, stats, settings, load_s)

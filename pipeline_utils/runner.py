@@ -4,6 +4,11 @@
    2. plan memory                  6. save latents next to the output
    3. get the pipeline (cache)     7. stream-decode into the video file
    4. apply the plan               8. finally: drop per-run state, free memory
+
+A run's state is one `Run`: the request, its plan, its paths, where it is, what it warned about and stepped
+down, its timings, progress and stop, and the pipeline and latents once it has them. After an out-of-memory
+error, steps 3-7 run again one rung lower on the one ladder (vram_utils/ladder.py), from the last safe point
+(decode only, once the latents exist), and from where the streaming decode left off: no rung twice.
 """
 from __future__ import annotations
 
@@ -13,24 +18,26 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 import decode
 import quant
 import vram_utils
-from configs.schema import DecodeSettings, GenerationRequest, Plan, RequestError, get_model_spec, resolve_request
+from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request
+from families import get_family
 from pipeline_utils.cache import PipelineCache
-from vram_utils import release_memory
-from vram_utils.sentinel import LeakReport, LeakSentinel
 from pipeline_utils.media import load_image, load_video
-from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom, step_down
+from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom
+from pipeline_utils.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
+from vram_utils import release_memory
+from vram_utils.ladder import Ladder
+from vram_utils.sentinel import LeakReport, LeakSentinel
 
 logger = logging.getLogger(__name__)
 
 Stage = Literal["loading", "encoding", "denoising", "decoding", "saving", "done"]
-LATENTS_SUFFIX = ".latents.pt"
 
 
 @dataclass(frozen=True)
@@ -66,24 +73,47 @@ class RunResult:
     decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
 
 
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's results go: the video, and beside it the latents (before decode) and the sidecar."""
 
-    out = {}
-    for name in ("torch", "diffusers", "transformers", "accelerate", "torchao", "gradio"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    video: Path
+    latents: Path
+    sidecar: Path
 
-
-def sidecar_path(video_path: Path) -> Path:
-    return Path(video_path).with_suffix(".json")
+    @classmethod
+    def beside(cls, video: Path) -> "RunPaths":
+        return cls(Path(video), latents_path(video), sidecar_path(video))
 
 
-def latents_path(video_path: Path) -> Path:
-    return Path(video_path).with_suffix(LATENTS_SUFFIX)
+@dataclass(eq=False)
+class Run:
+    """One generation's state, owned by the Runner from the checked request to the written sidecar."""
+
+    request: GenerationRequest  # resolved: no default left open
+    spec: ModelSpec
+    paths: RunPaths
+    emit: Callable[[ProgressEvent], None]
+    stop: threading.Event | None = None
+    inputs: dict = field(default_factory=dict)  # the pipeline's conditioning (image, video or frame count)
+    plan: Plan = field(default_factory=Plan)  # lowered by each out-of-memory step down
+    stage: Stage = "loading"  # where the run is, for the ladder
+    warnings: list[str] = field(default_factory=list)
+    step_downs: list[StepDown] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    prompt_checked: bool = False  # the prompt-length warning is computed once per run
+    pipe: Any = None  # the pipeline, once loaded
+    latents: torch.Tensor | None = None  # (B, C, F, H, W) in VAE space once denoised: the last safe point
+    stream: decode.StreamingDecode | None = None  # the decode under way (or the one that just failed)
+    stats: decode.DecodeStats | None = None  # the finished decode's
+
+    def check_stop(self) -> None:
+        _check_stop(self.stop)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
 
 
 class Runner:
@@ -93,6 +123,9 @@ class Runner:
         self.cache = cache or PipelineCache()
         self.outputs_dir = Path(outputs_dir)
         self.fault_hook: Callable[[str, int], None] | None = None  # tests inject failures here
+        # The ladder out-of-memory recovery walks: None = the plan's device's. Tests set "cuda" to walk the
+        # GPU ladder's offload rungs on a CPU-only machine, where those rungs run (onloading to the CPU).
+        self.ladder_backend: Literal["cuda", "cpu"] | None = None
         self.sentinel = LeakSentinel(held_bytes=lambda device_type: self.cache.weights_on(device_type)[0])
         self.last_leak: LeakReport | None = None
         self._lock = threading.Lock()
@@ -105,6 +138,15 @@ class Runner:
             base = self.outputs_dir / f"{stamp}_{request.task}_{request.seed}-{n}.mp4"
             n += 1
         return base
+
+    def plan(self, request: GenerationRequest, device: "vram_utils.DeviceInfo | None" = None) -> Plan:
+        """The memory plan for a resolved request here, counting the weights the pipeline cache already
+        holds for it on the device as available (a second run of a cached model needs no second copy)."""
+        spec = get_model_spec(request.model)
+        info = device if device is not None else vram_utils.probe()
+        device_type = "cuda" if info.cuda and info.gpus else "cpu"
+        resident = self.cache.resident_bytes(request.model, request.task, request.quant, device_type)
+        return vram_utils.plan(request, spec, info, resident_bytes=resident)
 
     def generate(
         self,
@@ -129,133 +171,117 @@ class Runner:
                     judge=self.cache.loads == loads_before,  # a run that loaded a model is a warm-up
                 )
 
-    def _generate(self, request, out_path, emit, stop) -> RunResult:
-        timings: dict[str, float] = {}
-        t_start = time.perf_counter()
-
+    def _generate(self, request: GenerationRequest, out_path, emit, stop) -> RunResult:
         # 1. Check the request (RequestError names the bad value) before anything loads.
         req = resolve_request(request)
-        spec = get_model_spec(req.model)
         out = Path(out_path) if out_path else self.default_output(req)
         check_writable(out.parent)
-        inputs = self._read_inputs(req)
-        warnings: list[str] = []
+        run = Run(req, get_model_spec(req.model), RunPaths.beside(out), emit, stop, inputs=self._read_inputs(req))
 
         # 2. Plan memory: rung, precision, decode settings, with reasons.
-        plan = vram_utils.plan(req, spec)
-        logger.info("plan: %s", plan.summary)
-        if plan.refused:  # needs more than the device has in all: nothing would be produced
-            raise RequestError(plan.refused)
-        if not plan.fits:  # we still try (estimates have margins), but the person is told what would fit
-            warnings += [r for r in plan.reasons if r.startswith("suggestion:")]
+        run.plan = self.plan(req)
+        logger.info("plan: %s", run.plan.summary)
+        if run.plan.refused:  # needs more than the device has in all: nothing would be produced
+            raise RequestError(run.plan.refused)
+        if not run.plan.fits:  # we still try (estimates have margins), but the person is told what would fit
+            for reason in run.plan.reasons:
+                if reason.startswith("suggestion:"):
+                    run.warn(reason)
 
         # 3-7, with the out-of-memory ladder.
-        lat_path = latents_path(out)
-        step_downs: list[StepDown] = []
         with vram_utils.PeakMeter() as meter:
-            pipe, stats, plan = self._attempts(req, spec, plan, inputs, out, lat_path, warnings, step_downs,
-                                               timings, emit, stop)
-        timings["decode_s"] = stats.seconds
-        timings["total_s"] = time.perf_counter() - t_start
-        quant_result = quant.last_result(pipe.transformer)
-        if quant_result is not None and quant_result.reason and quant_result.reason not in warnings:
-            warnings.append(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
+            self._attempts(run)
+        return self._finish(run, meter.to_dict())
 
-        emit(ProgressEvent("saving", message=f"saving {out.name}"))
-        result = RunResult(out, sidecar_path(out), lat_path, req, plan, stats.frames, timings, warnings=warnings)
-        # The runner's rungs, then the decode's own (smaller tiles, then smaller chunks) of the attempt that finished.
-        result.step_downs = [s.to_dict() for s in [*step_downs, *decode_step_downs(stats)]]
-        result.decode = stats.to_dict()
-        result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
-        result.measured = meter.to_dict()
-        write_sidecar(result)
-        emit(ProgressEvent("done", message=str(out)))
-        return result
-
-    def _attempts(self, req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings, emit, stop):
+    def _attempts(self, run: Run) -> None:
         """Steps 3-7, retried one rung lower after an out-of-memory, from the last safe point."""
-        used: dict[str, object] = {}  # the pipeline this run used, once it has one
         try:
-            return self._attempt_loop(req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings,
-                                      emit, stop, used)
+            while True:
+                try:
+                    self._attempt(run)
+                    break
+                except Exception as exc:
+                    self._recover(run, exc)  # raises unless a rung is left
+                # Out here the failed attempt's traceback, and the tensors its frames pinned, are gone.
+                release_memory()
         finally:
+            run.latents = run.stream = None
             # Seed 001: nothing of a run may stay behind in a cached pipeline (multistep schedulers keep
             # latent-sized tensors until the next run otherwise), whether the run succeeded or not.
-            if "pipe" in used:
-                quant.drop_run_state(used.pop("pipe"))
+            if run.pipe is not None:
+                quant.drop_run_state(run.pipe)
 
-    def _attempt_loop(self, req, spec, plan, inputs, out, lat_path, warnings, step_downs, timings, emit, stop,
-                      used):
-        z = None  # latents in VAE space once denoising is done: the last safe point
-        stage = ["loading"]  # where we are, for the recovery ladder
-        while True:
-            try:
-                # 3. Get the pipeline (lazy, LRU, shared parts).
-                stage[0] = "loading"
-                emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
-                t0 = time.perf_counter()
-                pipe = used["pipe"] = self.cache.get(req.model, req.task, req.quant)
-                timings.setdefault("load_s", time.perf_counter() - t0)
+    def _attempt(self, run: Run) -> None:
+        req = run.request
+        # 3. Get the pipeline (lazy, LRU, shared parts).
+        run.stage = "loading"
+        run.emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
+        t0 = time.perf_counter()
+        run.pipe = self.cache.get(req.model, req.task, req.quant)
+        run.timings.setdefault("load_s", time.perf_counter() - t0)
 
-                # 4. Apply the plan (idempotent: a step-down re-applies it).
-                vram_utils.apply_plan(pipe, plan)
-                _check_stop(stop)
+        # 4. Apply the plan (idempotent: a step-down re-applies it).
+        vram_utils.apply_plan(run.pipe, run.plan)
+        run.check_stop()
 
-                if z is None:
-                    # 5. Denoise to latents; after an OOM it restarts with the same seed.
-                    stage[0] = "encoding"
-                    emit(ProgressEvent("encoding", message="encoding prompt"))
-                    if not warnings:
-                        warnings += prompt_warnings(pipe, req, spec.family)
-                    self._fault("encoding", 0)
-                    t0 = time.perf_counter()
-                    latents = self._denoise(pipe, req, spec.family, inputs, emit, stop, stage)
-                    timings["denoise_s"] = time.perf_counter() - t0
-                    z = decode.to_vae_latents(pipe, latents, spec.family, req.frames)  # (B, C, F, H, W)
-                    del latents
+        if run.latents is None:
+            # 5. Denoise to latents; after an OOM it restarts with the same seed.
+            self._denoise(run)
+            # 6. Latents on disk before decode: a decode failure costs only the decode.
+            _save_or_fail(run)
 
-                    # 6. Latents on disk before decode: a decode failure costs only the decode.
-                    _save_or_fail(lat_path, z, req)
-
-                # 7. Decode straight into the video file.
-                stage[0] = "decoding"
-                stats = self._decode(pipe.vae, z, plan.decode, out, req.fps, emit, stop)
-            except Exception as exc:
-                if not is_oom(exc):
-                    if isinstance(exc, OSError):
-                        raise RunFailed(
-                            f"could not write {out} ({exc.strerror or exc}); nothing half-written was kept. "
-                            f"The denoised latents are saved at {lat_path}; free space and decode them again: "
-                            f"`python app.py decode --latents {lat_path} --out {out}`"
-                        ) from exc
-                    raise
-                plan = self._step_down(exc, plan, stage[0], step_downs, req, spec, emit)
-            else:
-                break
-            # Out here the failed attempt's traceback, and the tensors its frames pinned, are gone.
-            release_memory()
-        del z
-        return pipe, stats, plan
+        # 7. Decode straight into the video file.
+        run.stage = "decoding"
+        run.stats = self._decode(run)
 
     def _fault(self, stage: str, index: int) -> None:
         """Test hook: `runner.fault_hook(stage, index)` may raise (e.g. an injected OOM)."""
         if self.fault_hook is not None:
             self.fault_hook(stage, index)
 
-    @staticmethod
-    def _step_down(exc, plan: Plan, stage: str, step_downs: list, req, spec, emit) -> Plan:
-        nxt = step_down(plan, stage, torch.cuda.is_available())
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    # ---------------------------------------------------------------- out of memory
+
+    def ladder_for(self, run: Run) -> Ladder:
+        """The ladder of this run: offload rungs only where they free memory (a CUDA plan), chunk rungs
+        from the family's own decode chunk, tile rungs that change something at this frame size."""
+        backend = self.ladder_backend or ("cuda" if run.plan.device.startswith("cuda") else "cpu")
+        frame_px = (run.request.height, run.request.width)
+        if run.pipe is None:
+            return Ladder(cuda=backend == "cuda", frame_px=frame_px)
+        return decode.decode_ladder(run.pipe.vae, frame_px, cuda=backend == "cuda")
+
+    def _recover(self, run: Run, exc: Exception) -> None:
+        """Raise what cannot be recovered from; after an out-of-memory, lower `run.plan` one rung."""
+        if not is_oom(exc):
+            if isinstance(exc, OSError):
+                lat = run.paths.latents
+                raise RunFailed(
+                    f"could not write {run.paths.video} ({exc.strerror or exc}); nothing half-written was kept. "
+                    f"The denoised latents are saved at {lat}; free space and decode them again: "
+                    f"`python app.py decode --latents {lat} --out {run.paths.video}`"
+                ) from exc
+            raise exc
+        ladder = self.ladder_for(run)
+        if run.stream is not None:
+            # The decode's own rungs are behind the run now: record them, and go on from where it ended.
+            run.step_downs += decode_step_downs(run.stream)
+            run.plan = run.plan.replace(decode=run.stream.position)
+            run.stream = None
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        nxt = ladder.step(run.plan, run.stage)  # type: ignore[arg-type]
         if nxt is None:
-            tried = "; ".join(s.change for s in step_downs) or "nothing lower was left"
+            left = "nothing lower was left" if ladder.cuda else "nothing: without a GPU no lower rung frees host RAM"
+            tried = "; ".join(s.change for s in run.step_downs) or left
             raise RunFailed(
-                f"out of memory while {stage} ({error}). Tried: {tried}. To fit: {fit_suggestion(req, spec, plan)}"
+                f"out of memory while {run.stage} ({error}). Tried: {tried}. "
+                f"To fit: {fit_suggestion(run.request, run.spec, run.plan)}"
             ) from exc
-        plan, change = nxt
-        step_downs.append(StepDown(stage, error, change))
-        logger.warning("out of memory while %s; retrying with %s", stage, change)
-        emit(ProgressEvent(stage, message=f"out of memory while {stage}: retrying with {change}"))
-        return plan
+        run.plan, change = nxt
+        run.step_downs.append(StepDown(run.stage, error, change))  # type: ignore[arg-type]
+        logger.warning("out of memory while %s; retrying with %s", run.stage, change)
+        run.emit(ProgressEvent(run.stage, message=f"out of memory while {run.stage}: retrying with {change}"))
+
+    # ---------------------------------------------------------------- the steps
 
     @staticmethod
     def _read_inputs(req: GenerationRequest) -> dict:
@@ -265,22 +291,17 @@ class Runner:
             return {"video": load_video(req.video, req.frames, req.width, req.height), "strength": req.strength}
         return {"num_frames": req.frames}
 
-    def _denoise(self, pipe, req: GenerationRequest, family: str, inputs: dict, emit, stop, stage) -> torch.Tensor:
-        total = req.steps
-        t_loop = [0.0]
-
-        def on_step_end(_pipe, i, _t, callback_kwargs):
-            now = time.perf_counter()
-            if i == 0:
-                t_loop[0] = now
-            done = i + 1
-            eta = (now - t_loop[0]) / i * (total - done) if i > 0 else None
-            stage[0] = "denoising"
-            emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}", eta))
-            self._fault("denoising", done)
-            _check_stop(stop)
-            return callback_kwargs
-
+    def _denoise(self, run: Run) -> None:
+        """Encode the prompt and denoise; `run.latents` ends in VAE space, (B, C, F, H, W)."""
+        req, family = run.request, run.spec.family
+        run.stage = "encoding"
+        run.emit(ProgressEvent("encoding", message="encoding prompt"))
+        if not run.prompt_checked:  # once per run, whatever else the run has warned about
+            for message in prompt_warnings(run.pipe, req, family):
+                run.warn(message)
+            run.prompt_checked = True
+        self._fault("encoding", 0)
+        t0 = time.perf_counter()
         kwargs = dict(
             prompt=req.prompt,
             negative_prompt=req.negative_prompt or None,
@@ -290,24 +311,71 @@ class Runner:
             guidance_scale=req.guidance,
             generator=torch.Generator("cpu").manual_seed(req.seed),
             output_type="latent",
-            callback_on_step_end=on_step_end,
-            max_sequence_length=max_sequence_length(pipe, family),
-            **inputs,
+            callback_on_step_end=self._on_step_end(run),
+            max_sequence_length=max_sequence_length(run.pipe, family),
+            **run.inputs,
         )
         if req.task == "i2v":
             kwargs["num_frames"] = req.frames
         with torch.inference_mode():
-            return pipe(**kwargs).frames
+            latents = run.pipe(**kwargs).frames
+        run.timings["denoise_s"] = time.perf_counter() - t0
+        run.latents = decode.to_vae_latents(run.pipe, latents, family, req.frames)
 
-    def _decode(self, vae, z, settings: DecodeSettings, out: Path, fps: int, emit, stop) -> decode.DecodeStats:
+    def _on_step_end(self, run: Run) -> Callable:
+        """The pipeline's per-step callback: progress with an ETA, the test hook, the stop flag."""
+        total = run.request.steps
+        loop_started = 0.0
+
+        def on_step_end(_pipe, i, _t, callback_kwargs):
+            nonlocal loop_started
+            now = time.perf_counter()
+            if i == 0:
+                loop_started = now
+            done = i + 1
+            eta = (now - loop_started) / i * (total - done) if i > 0 else None
+            run.stage = "denoising"
+            run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}", eta))
+            self._fault("denoising", done)
+            run.check_stop()
+            return callback_kwargs
+
+        return on_step_end
+
+    def _decode(self, run: Run) -> decode.DecodeStats:
         def on_chunk(j, m):
-            emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}"))
+            run.emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}"))
             self._fault("decoding", j)
-            _check_stop(stop)
+            run.check_stop()
 
-        emit(ProgressEvent("decoding", 0, 0, "decoding"))
-        with decode.VideoWriter(out, fps) as writer:
-            return decode.stream_decode(vae, z, settings, writer, on_chunk=on_chunk, stop=stop)
+        run.emit(ProgressEvent("decoding", 0, 0, "decoding"))
+        # The decode steps down its own rungs only once no offload rung is left: the ladder's order.
+        own_rungs = self.ladder_for(run).next_offload(run.plan.offload) is None
+        run.stream = decode.StreamingDecode(run.pipe.vae, run.latents, run.plan.decode, step_down=own_rungs)
+        with decode.VideoWriter(run.paths.video, run.request.fps) as writer:
+            stats = run.stream.write_to(writer, on_chunk=on_chunk, stop=run.stop)
+        run.stream = None
+        return stats
+
+    def _finish(self, run: Run, measured: dict[str, int]) -> RunResult:
+        """Timings, warnings, the RunResult and its sidecar."""
+        stats, paths = run.stats, run.paths
+        run.timings["decode_s"] = stats.seconds
+        run.timings["total_s"] = time.perf_counter() - run.started
+        quant_result = quant.last_result(run.pipe.transformer)
+        if quant_result is not None and quant_result.reason:
+            run.warn(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
+
+        run.emit(ProgressEvent("saving", message=f"saving {paths.video.name}"))
+        result = RunResult(paths.video, paths.sidecar, paths.latents, run.request, run.plan, stats.frames,
+                           run.timings, measured, run.warnings)
+        # The runner's rungs (and those of failed decodes), then the decode's own of the attempt that finished.
+        result.step_downs = [s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]]
+        result.decode = stats.to_dict()
+        result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
+        write_sidecar(result)
+        run.emit(ProgressEvent("done", message=str(paths.video)))
+        return result
 
 
 def _safe_emitter(on_progress: Callable[[ProgressEvent], None] | None) -> Callable[[ProgressEvent], None]:
@@ -352,9 +420,8 @@ def prompt_warnings(pipe, req: GenerationRequest, family: str) -> list[str]:
 
 
 def max_sequence_length(pipe, family: str) -> int:
-    if family == "cogvideox":  # must equal the transformer's max_text_seq_length
-        return int(pipe.transformer.config.max_text_seq_length)
-    return min(512, int(pipe.tokenizer.model_max_length))
+    """Text tokens the family's pipeline encodes (families/: CogVideoX's must equal the transformer's)."""
+    return get_family(family).max_sequence_length(pipe)
 
 
 def _check_stop(stop: threading.Event | None) -> None:
@@ -362,12 +429,13 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise Cancelled("stopped by request")
 
 
-def _save_or_fail(path: Path, z: torch.Tensor, req: GenerationRequest) -> None:
+def _save_or_fail(run: Run) -> None:
     try:
-        save_latents(path, z, req)
+        save_latents(run.paths.latents, run.latents, run.request)
     except OSError as exc:
-        decode.partial_path(path).unlink(missing_ok=True)
-        raise RunFailed(f"could not save the latents to {path} ({exc.strerror or exc}); free space and run again") from exc
+        raise RunFailed(
+            f"could not save the latents to {run.paths.latents} ({exc.strerror or exc}); free space and run again"
+        ) from exc
 
 
 def fit_suggestion(req: GenerationRequest, spec, plan: Plan) -> str:
@@ -381,30 +449,24 @@ def fit_suggestion(req: GenerationRequest, spec, plan: Plan) -> str:
 
 
 def save_latents(path: Path, z: torch.Tensor, req: GenerationRequest) -> Path:
-    tmp = decode.partial_path(path)
-    torch.save({"latents": z.detach().cpu(), "request": req.to_dict(), "format": 1}, tmp)
-    tmp.replace(path)
-    return path
+    """The latents on disk (atomically), in the one latents format (results.SavedLatents)."""
+    return SavedLatents(z, req).write(path).path
 
 
 def write_sidecar(result: RunResult) -> Path:
-    data = {
-        "video": result.video_path.name,
-        "latents": result.latents_path.name if result.latents_path else None,
-        "frames": result.frames,
-        "request": result.request.to_dict(),
-        "plan": result.plan.to_dict(),
-        "timings": result.timings,
-        "predicted": {
-            "peak_gpu_bytes": result.plan.predicted_peak_gpu_bytes,
-            "peak_host_bytes": result.plan.predicted_peak_host_bytes,
-        },
-        "measured": result.measured,
-        "warnings": result.warnings,
-        "step_downs": result.step_downs,
-        "decode": result.decode,
-        "quant": result.quant,
-        "versions": versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    return decode.write_json_atomic(result.sidecar_path, data)
+    """The run's sidecar, in the one sidecar format (results.Sidecar)."""
+    return Sidecar(
+        video=result.video_path.name,
+        request=result.request,
+        latents=result.latents_path.name if result.latents_path else None,
+        frames=result.frames,
+        plan=result.plan,
+        decode_settings=result.plan.decode,
+        decode=result.decode,
+        timings=result.timings,
+        measured=result.measured,
+        warnings=result.warnings,
+        step_downs=result.step_downs,
+        quant=result.quant,
+        versions=versions(),
+    ).write(result.sidecar_path)

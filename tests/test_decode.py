@@ -441,6 +441,36 @@ def test_out_of_memory_at_the_floor_raises_an_oom_naming_the_steps(tiny):
     assert "2 step(s) down" in str(info.value)  # 256 -> 128 -> 64
 
 
+def test_at_the_bottom_the_decode_says_where_it_ended_so_no_caller_tries_those_rungs_again(tiny):
+    vae = tiny["cogvideox"]
+    handle = _oom_when_wider_than(vae, 0, from_call=1)  # nothing fits
+    try:
+        with pytest.raises(decode.DecodeOutOfMemory) as info:
+            ours(vae, latents(vae, 3, 16, 16), DecodeSettings(enable_vae_tiling=False))
+    finally:
+        handle.remove()
+    # untiled 128 px -> 64 px tiles (the floor) -> CogVideoX's own 2-latent-frame chunks halved to 1
+    assert [(s.action, s.tile_to_px) for s in info.value.steps] == [
+        ("halve tiles", (64, 64)), ("one latent frame per chunk", (64, 64)),
+    ]
+    ended = info.value.settings
+    assert (ended.enable_vae_tiling, ended.tile_y, ended.tile_x, ended.chunk_frames) == (True, 64, 64, 1)
+    assert decode.decode_ladder(vae, (128, 128)).next_decode(ended) is None  # nothing left below it
+
+
+def test_without_its_own_rungs_the_decode_raises_the_first_out_of_memory_as_it_is(tiny):
+    vae = tiny["wan"]
+    handle = _oom_when_wider_than(vae, 0, from_call=1)
+    run = decode.StreamingDecode(vae, latents(vae, 2, 16, 16), UNTILED, step_down=False)
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="simulated") as info:
+            list(run.chunks(lambda video: video.cpu()))
+    finally:
+        handle.remove()
+    assert not isinstance(info.value, decode.DecodeOutOfMemory)
+    assert run.oom_steps == [] and run.position == UNTILED  # the caller steps from here
+
+
 # --------------------------------------------------------------------------- app.py decode
 
 

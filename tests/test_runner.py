@@ -96,3 +96,19 @@ def test_stop_flag_cancels_within_a_step(runner):
         runner.generate(_request("tiny-cogvideox", "t2v", steps=10), on_progress=on_progress, stop=stop)
     assert steps == [1, 2]
     assert not list(runner.outputs_dir.glob("*.mp4"))
+
+
+def test_a_long_prompt_is_warned_about_even_when_the_plan_already_made_suggestions(runner, tmp_path, monkeypatch):
+    planned = runner.plan
+
+    def does_not_fit(request, device=None):  # the planner's answer on a machine too small for the request
+        plan = planned(request, device)
+        return plan.replace(fits=False, reasons=plan.reasons + ("suggestion: 5 frames fit (CPU, predicted 9 MiB)",))
+
+    monkeypatch.setattr(runner, "plan", does_not_fit)
+    long_prompt = " ".join(["a cat walks on the beach at sunset"] * 10)  # ~80 tokens; tiny CogVideoX reads 16
+    result = runner.generate(_request("tiny-cogvideox", "t2v", prompt=long_prompt), out_path=tmp_path / "long.mp4")
+    assert result.warnings[0] == "suggestion: 5 frames fit (CPU, predicted 9 MiB)"
+    assert len(result.warnings) == 2 and "the text encoder reads 16" in result.warnings[1]
+    sidecar = json.loads(result.sidecar_path.read_text())
+    assert sidecar["warnings"] == result.warnings and sidecar["version"] == 2 and sidecar["kind"] == "generate"

@@ -3,6 +3,7 @@
 Public API:
   probe() -> DeviceInfo, PeakMeter                     what the machine has; measured peaks
   plan(request, spec, device=None) -> Plan             the fastest rung that fits, with reasons
+  Ladder(cuda, own_chunk, frame_px)                    every rung below a position (offload, tiles, chunks)
   apply_plan(pipe, plan)                               idempotent placement (offload rung, VAE tiling)
   tensor_bytes(t), module_bytes(m)                     storage bytes, torchao subclasses included
   seed 003: get_gpu_memory_info, log_vram_status, check_vram_availability,
@@ -11,6 +12,7 @@ Public API:
 Nothing here touches a GPU or loads a model at import time.
 """
 from vram_utils.estimate import LADDER, Estimate, StageEstimate, Workload, workload_for  # noqa: F401
+from vram_utils.ladder import OFFLOAD_RUNGS, TILE_FLOOR_PX, DecodeStep, Ladder, decode_change  # noqa: F401
 from vram_utils.offload import (  # noqa: F401
     apply_offload_strategy,
     apply_plan,

@@ -28,9 +28,10 @@ from typing import Literal
 
 from configs.schema import DecodeSettings, GenerationRequest, ModelSpec, Offload, Quant, load_presets
 from vram_utils.archs import ModelArch, TransformerArch, VaeArch
+from vram_utils.ladder import OFFLOAD_RUNGS
 
 Backend = Literal["cuda", "cpu"]
-LADDER: tuple[Offload, ...] = ("none", "model", "group", "sequential")  # fastest first
+LADDER: tuple[Offload, ...] = OFFLOAD_RUNGS  # fastest first (vram_utils/ladder.py owns the rungs)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MIB = 2**20

@@ -27,6 +27,7 @@ from configs.schema import (
 )
 from vram_utils.archs import ModelArch, arch_for
 from vram_utils.estimate import GIB, LADDER, MIB, Estimate, Workload, estimate, workload_for
+from vram_utils.ladder import TILE_FLOOR_PX, Ladder, decode_change
 from vram_utils.probe import DeviceInfo, GpuInfo, probe
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 MARGIN_FIXED_BYTES = 512 * MIB
 MARGIN_FRACTION = 0.05
 HOST_MARGIN_BYTES = 1 * GIB  # the OS and the app's own growth on the host side
-MIN_TILE_PX = 128  # smaller tiles cost more in seams and time than they save
+MIN_TILE_PX = TILE_FLOOR_PX  # the ladder's one tile floor (vram_utils/ladder.py)
 RUNG_TEXT = {
     "none": "everything on the GPU",
     "model": "model CPU offload",
@@ -55,25 +56,16 @@ def gpu_margin_bytes(gpu: GpuInfo) -> int:
 # --------------------------------------------------------------------------- decode options
 
 
-def _decode_options(d: DecodeSettings) -> list[DecodeSettings]:
-    """The request's decode settings first, then cheaper ones: tiling on, then halved tiles."""
-    options = [d]
-    tiled = d if d.enable_vae_tiling else dataclasses.replace(d, enable_vae_tiling=True)
-    if tiled is not d:
-        options.append(tiled)
-    tx, ty, sx, sy = tiled.tile_x, tiled.tile_y, tiled.tile_stride_x, tiled.tile_stride_y
-    while min(tx, ty) // 2 >= MIN_TILE_PX:
-        tx, ty, sx, sy = tx // 2, ty // 2, max(MIN_TILE_PX // 2, sx // 2), max(MIN_TILE_PX // 2, sy // 2)
-        options.append(dataclasses.replace(tiled, tile_x=tx, tile_y=ty, tile_stride_x=sx, tile_stride_y=sy))
-    return options
+def _decode_options(arch: ModelArch, w: Workload) -> list[DecodeSettings]:
+    """The request's decode settings first, then the ladder's decode rungs below them (tiling on, halved
+    tiles down to the floor, smaller chunks), none that would change nothing for this frame size."""
+    ladder = Ladder(cuda=False, own_chunk=arch.vae.own_chunk, frame_px=(w.height, w.width),
+                    spatial_factor=arch.vae.spatial_ratio)
+    return ladder.decode_rungs(w.decode)
 
 
 def _decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:
-    if old == new:
-        return None
-    if not old.enable_vae_tiling:
-        return f"VAE tiling on ({new.tile_x}x{new.tile_y} px tiles)"
-    return f"VAE tiles {old.tile_x}x{old.tile_y} -> {new.tile_x}x{new.tile_y} px"
+    return decode_change(old, new)
 
 
 # --------------------------------------------------------------------------- search
@@ -91,7 +83,7 @@ def _first_fit(
 ) -> _Choice | None:
     """The fastest rung (then the least change to decode) whose predicted peak fits `budget`."""
     for rung in rungs:
-        for d in _decode_options(w.decode):
+        for d in _decode_options(arch, w):
             est = estimate(arch, w.replace(decode=d), rung, backend)  # type: ignore[arg-type]
             if est.peak_device_bytes <= budget:
                 return _Choice(rung, d, est)
@@ -99,7 +91,7 @@ def _first_fit(
 
 
 def _smallest(arch: ModelArch, w: Workload, rung: Offload, backend: str) -> _Choice:
-    d = _decode_options(w.decode)[-1]
+    d = _decode_options(arch, w)[-1]
     return _Choice(rung, d, estimate(arch, w.replace(decode=d), rung, backend))  # type: ignore[arg-type]
 
 
@@ -139,128 +131,144 @@ def _smaller_model(spec: ModelSpec, w: Workload, rungs, budget: int, backend: st
 # --------------------------------------------------------------------------- plan
 
 
+@dataclasses.dataclass
+class _Target:
+    """Where a plan runs and what it may use: the device, its budget, the rungs it may search, and the
+    reasons collected so far (one planning pass; not shared)."""
+
+    backend: str  # "cuda" or "cpu"
+    budget: int
+    rungs: tuple[Offload, ...]
+    where: str  # for a person: "GPU0 (name)" or "host RAM"
+    device_name: str  # "cuda:<index>" or "cpu"
+    gpu: GpuInfo | None
+    reasons: list[str]
+
+    @property
+    def search_rungs(self) -> tuple[Offload, ...]:
+        """Rungs a suggestion may use: the whole ladder on a GPU, the requested rung on the CPU."""
+        return LADDER if self.backend == "cuda" else self.rungs
+
+    def rung_text(self, offload: Offload) -> str:
+        return RUNG_TEXT[offload] if self.backend == "cuda" else "the CPU run"
+
+
+def _target(request: GenerationRequest, device: DeviceInfo, resident_bytes: int) -> _Target:
+    """The device a run goes to, its budget (free bytes + what the caller already holds there - margin)."""
+    requested = request.offload
+    gpu = device.best_gpu if device.cuda else None
+    if gpu is None:
+        budget = max(0, device.host_available_bytes + resident_bytes - HOST_MARGIN_BYTES)
+        rungs = ("none",) if requested == "auto" else (requested,)
+        why = ("offload none: no CUDA GPU: running on the CPU" if requested == "auto"
+               else f"offload {requested}: as requested (no CUDA GPU: it onloads to the CPU)")
+        return _Target("cpu", budget, rungs, "host RAM", "cpu", None, [why])  # type: ignore[arg-type]
+    budget = max(0, gpu.free_bytes + resident_bytes - gpu_margin_bytes(gpu))
+    rungs = LADDER if requested == "auto" else (requested,)
+    return _Target("cuda", budget, rungs, f"GPU{gpu.index} ({gpu.name})", f"cuda:{gpu.index}", gpu, [])  # type: ignore[arg-type]
+
+
+def _suggest(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> tuple[int | None, str | None]:
+    """When nothing fits: the largest frame count, a smaller model and INT8 weights that would, as reasons."""
+    fewer = _fewer_frames(spec, arch, w, t.search_rungs, t.budget, t.backend)
+    if fewer is not None:
+        rung = RUNG_TEXT[fewer[1].offload] if t.backend == "cuda" else "CPU"
+        t.reasons.append(f"suggestion: {fewer[0]} frames fit ({rung}, predicted {gib(fewer[1].est.peak_device_bytes)})")
+    smaller = _smaller_model(spec, w, t.search_rungs, t.budget, t.backend)
+    if smaller is not None:
+        t.reasons.append(f"suggestion: {smaller[0]} fits at its defaults (predicted {gib(smaller[1].est.peak_device_bytes)})")
+    if w.quant == "none" and t.backend == "cuda":
+        q = _first_fit(arch, w.replace(quant="int8"), LADDER, t.budget, t.backend)
+        if q is not None:
+            t.reasons.append(f"suggestion: INT8 weights fit ({RUNG_TEXT[q.offload]}, predicted {gib(q.est.peak_device_bytes)})")
+    return (fewer[0] if fewer else None), (smaller[0] if smaller else None)
+
+
+def _rung_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice, auto: bool) -> str:
+    peak = gib(choice.est.peak_device_bytes)
+    if t.backend == "cpu":  # no live number here: what is free moves from one probe to the next, the decision does not
+        return f"host RAM: predicted {peak}, within what is available"
+    if not auto:
+        return f"offload {choice.offload}: as requested, predicted {peak} of {gib(t.budget)}"
+    faster = LADDER[: LADDER.index(choice.offload)]
+    needs = ", ".join(f"{r} {gib(_smallest(arch, w, r, t.backend).est.peak_device_bytes)}" for r in faster)
+    why = f"; faster rungs need more ({needs})" if faster else ""
+    assert t.gpu is not None
+    return (f"offload {choice.offload}: {RUNG_TEXT[choice.offload]} fits {peak} in {gib(t.budget)} free on {t.where} "
+            f"after a {gib(gpu_margin_bytes(t.gpu))} margin{why}")
+
+
+def _decode_reason(asked: DecodeSettings, chosen: DecodeSettings) -> str:
+    change = _decode_change(asked, chosen)
+    if change:
+        return f"decode: {change} so the decode fits"
+    tiling = f"on ({chosen.tile_x}x{chosen.tile_y} px tiles)" if chosen.enable_vae_tiling else "off"
+    return f"decode: VAE tiling {tiling} as set"
+
+
+def _refusal(spec: ModelSpec, w: Workload, t: _Target, choice: _Choice, device: DeviceInfo,
+             hints: tuple[int | None, str | None]) -> str:
+    """Why a run that needs more than the device has in all, even empty, is refused ("" when it is not).
+
+    Estimates carry margins, so a run that only misses the free memory is still tried."""
+    total = t.gpu.total_bytes if t.gpu is not None else device.host_total_bytes
+    need = choice.est.peak_device_bytes
+    if need <= total:
+        return ""
+    frames, model = hints
+    hint = (f"; {frames} frames would fit" if frames else "") + (f"; {model} fits at its defaults" if model else "")
+    return (
+        f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner "
+        f"predicts {gib(need)} at its lowest setting ({t.rung_text(choice.offload)}), and {t.where} has "
+        f"{gib(total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}"
+    )
+
+
 def plan_for(
     request: GenerationRequest, spec: ModelSpec, device: DeviceInfo, resident_bytes: int = 0
 ) -> Plan:
     """The plan for `request` on `device` (pure)."""
-    w = workload_for(request, spec)
-    arch = arch_for(spec)
-    reasons: list[str] = []
+    # 1. What the run computes, on which architecture, on which device with which budget.
+    w, arch = workload_for(request, spec), arch_for(spec)
+    t = _target(request, device, resident_bytes)
     if arch.note:
-        reasons.append(f"estimate: {arch.note}")
-    requested = request.offload
-    gpu = device.best_gpu if device.cuda else None
+        t.reasons.insert(0, f"estimate: {arch.note}")
 
-    if gpu is None:
-        backend = "cpu"
-        budget = max(0, device.host_available_bytes + resident_bytes - HOST_MARGIN_BYTES)
-        rungs: tuple[Offload, ...] = ("none",) if requested == "auto" else (requested,)  # type: ignore[assignment]
-        where, device_name = "host RAM", "cpu"
-        if requested == "auto":
-            reasons.append("offload none: no CUDA GPU: running on the CPU")
-        else:
-            reasons.append(f"offload {requested}: as requested (no CUDA GPU: it onloads to the CPU)")
-    else:
-        backend = "cuda"
-        margin = gpu_margin_bytes(gpu)
-        budget = max(0, gpu.free_bytes + resident_bytes - margin)
-        rungs = LADDER if requested == "auto" else (requested,)  # type: ignore[assignment]
-        where, device_name = f"GPU{gpu.index} ({gpu.name})", f"cuda:{gpu.index}"
-
-    choice = _first_fit(arch, w, rungs, budget, backend)
+    # 2. The fastest rung (then the least change to the decode) that fits; else the lowest, with suggestions.
+    choice = _first_fit(arch, w, t.rungs, t.budget, t.backend)
     fits = choice is not None
-    suggested_frames = suggested_model = None
+    hints: tuple[int | None, str | None] = (None, None)
     if choice is None:
-        choice = _smallest(arch, w, rungs[-1], backend)
-        need = choice.est.peak_device_bytes
-        reasons.append(
-            f"nothing fits: even {RUNG_TEXT[choice.offload] if backend == 'cuda' else 'the CPU run'} needs "
-            f"{gib(need)}, {where} has {gib(budget)} to spare"
-        )
-        fewer = _fewer_frames(spec, arch, w, LADDER if backend == "cuda" else rungs, budget, backend)
-        if fewer is not None:
-            suggested_frames = fewer[0]
-            reasons.append(
-                f"suggestion: {fewer[0]} frames fit ({RUNG_TEXT[fewer[1].offload] if backend == 'cuda' else 'CPU'}, "
-                f"predicted {gib(fewer[1].est.peak_device_bytes)})"
-            )
-        smaller = _smaller_model(spec, w, LADDER if backend == "cuda" else rungs, budget, backend)
-        if smaller is not None:
-            suggested_model = smaller[0]
-            reasons.append(f"suggestion: {smaller[0]} fits at its defaults (predicted {gib(smaller[1].est.peak_device_bytes)})")
-        if w.quant == "none" and backend == "cuda":
-            q = _first_fit(arch, w.replace(quant="int8"), LADDER, budget, backend)
-            if q is not None:
-                reasons.append(f"suggestion: INT8 weights fit ({RUNG_TEXT[q.offload]}, predicted {gib(q.est.peak_device_bytes)})")
-    elif backend == "cuda":
-        if requested == "auto":
-            faster = LADDER[: LADDER.index(choice.offload)]
-            why = f"; faster rungs need more ({', '.join(f'{r} {gib(_smallest(arch, w, r, backend).est.peak_device_bytes)}' for r in faster)})" if faster else ""
-            reasons.append(
-                f"offload {choice.offload}: {RUNG_TEXT[choice.offload]} fits {gib(choice.est.peak_device_bytes)} "
-                f"in {gib(budget)} free on {where} after a {gib(gpu_margin_bytes(gpu))} margin{why}"
-            )
-        else:
-            reasons.append(f"offload {choice.offload}: as requested, predicted {gib(choice.est.peak_device_bytes)} of {gib(budget)}")
-    else:  # no live number here: what is free moves from one probe to the next, the decision does not
-        reasons.append(f"host RAM: predicted {gib(choice.est.peak_device_bytes)}, within what is available")
-
-    est = choice.est
-    change = _decode_change(w.decode, choice.decode)
-    if change:
-        reasons.append(f"decode: {change} so the decode fits")
+        choice = _smallest(arch, w, t.rungs[-1], t.backend)
+        t.reasons.append(f"nothing fits: even {t.rung_text(choice.offload)} needs "
+                         f"{gib(choice.est.peak_device_bytes)}, {t.where} has {gib(t.budget)} to spare")
+        hints = _suggest(spec, arch, w, t)
     else:
-        d = choice.decode
-        reasons.append(
-            f"decode: VAE tiling {'on (' + str(d.tile_x) + 'x' + str(d.tile_y) + ' px tiles)' if d.enable_vae_tiling else 'off'}"
-            " as set"
-        )
-    if backend == "cuda":
-        host_need = est.peak_host_bytes
-        host_budget = device.host_available_bytes + device.process_rss_bytes - HOST_MARGIN_BYTES
-        if host_need > host_budget:
-            reasons.append(
-                f"warning: host RAM may be short: the weights need {gib(host_need)} in RAM, "
-                f"{gib(host_budget)} is available"
-            )
-    if w.quant != "none":
-        reasons.append(f"precision: {w.quant} transformer weights, as set")
+        t.reasons.append(_rung_reason(arch, w, t, choice, request.offload == "auto"))
 
-    refused = ""
-    if not fits:
-        # Estimates carry margins, so a run that misses the free memory is still tried; one that needs
-        # more than the device has in all, even empty, cannot run and is refused with the estimate.
-        total = gpu.total_bytes if gpu is not None else device.host_total_bytes
-        if choice.est.peak_device_bytes > total:
-            hint = f"; {suggested_frames} frames would fit" if suggested_frames else ""
-            hint += f"; {suggested_model} fits at its defaults" if suggested_model else ""
-            refused = (
-                f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner "
-                f"predicts {gib(choice.est.peak_device_bytes)} at its lowest setting "
-                f"({RUNG_TEXT[choice.offload] if backend == 'cuda' else 'the CPU run'}), and {where} has "
-                f"{gib(total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}"
-            )
-            reasons.insert(0, f"refused: {refused}")
-    summary = (
-        f"offload {choice.offload}, tiling {'on' if choice.decode.enable_vae_tiling else 'off'}, "
-        f"peak {'GPU' if backend == 'cuda' else 'RAM'} {gib(est.peak_device_bytes)}"
-        + ("" if fits else " (does not fit)")
-    )
+    # 3. Why, for the rest: the decode, the host RAM on a GPU machine, the precision.
+    est = choice.est
+    t.reasons.append(_decode_reason(w.decode, choice.decode))
+    if t.backend == "cuda":
+        host_budget = device.host_available_bytes + device.process_rss_bytes - HOST_MARGIN_BYTES
+        if est.peak_host_bytes > host_budget:
+            t.reasons.append(f"warning: host RAM may be short: the weights need {gib(est.peak_host_bytes)} in RAM, "
+                             f"{gib(host_budget)} is available")
+    if w.quant != "none":
+        t.reasons.append(f"precision: {w.quant} transformer weights, as set")
+    refused = "" if fits else _refusal(spec, w, t, choice, device, hints)
+    if refused:
+        t.reasons.insert(0, f"refused: {refused}")
+
+    # 4. The plan.
+    summary = (f"offload {choice.offload}, tiling {'on' if choice.decode.enable_vae_tiling else 'off'}, "
+               f"peak {'GPU' if t.backend == 'cuda' else 'RAM'} {gib(est.peak_device_bytes)}"
+               + ("" if fits else " (does not fit)"))
     return Plan(
-        offload=choice.offload,
-        quant=w.quant,
-        decode=choice.decode,
-        predicted_peak_gpu_bytes=est.peak_gpu_bytes,
-        predicted_peak_host_bytes=est.peak_host_bytes,
-        stages=est.stage_dict(),
-        reasons=tuple(reasons),
-        summary=summary,
-        device=device_name,
-        fits=fits,
-        budget_bytes=budget,
-        peak_stage=est.peak_stage,
-        suggested_frames=suggested_frames,
-        suggested_model=suggested_model,
+        offload=choice.offload, quant=w.quant, decode=choice.decode,
+        predicted_peak_gpu_bytes=est.peak_gpu_bytes, predicted_peak_host_bytes=est.peak_host_bytes,
+        stages=est.stage_dict(), reasons=tuple(t.reasons), summary=summary, device=t.device_name, fits=fits,
+        budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0], suggested_model=hints[1],
         refused=refused,
     )
 

@@ -1,0 +1,163 @@
+"""The memory ladder: every rung a run can step down to, and every floor, in one place (DESIGN.md).
+
+Rungs, fastest first:
+
+  offload   none -> model -> group -> sequential. Only with a CUDA GPU: without one every rung onloads
+            to the CPU, the weights stay in the same RAM, and nothing is freed, so a CPU ladder has none.
+  tiling    VAE tiling on.
+  tiles     tiles halved, down to TILE_FLOOR_PX (one floor for the planner, the runner and the stream).
+  chunks    decode chunks halved, from the family's own chunk (CogVideoX 2 latent frames, Wan 1) down to
+            one latent frame. Wan has no chunk rung: its VAE already decodes one latent frame at a time.
+
+A rung that would change nothing is not a rung: tiling on (or a halving) whose tiles still cover the
+frame is skipped, and so is a chunk rung at one latent frame. Every step goes strictly down, so a run
+that keeps stepping never tries a rung twice: the planner searches the decode rungs before a run
+(`decode_rungs`), the runner steps one rung per out-of-memory (`step`, from where the streaming decode
+left off), and the streaming decode steps the decode rungs inside one decode (`next_decode`).
+
+Pure: settings in, settings out; no torch, no device access.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from configs.schema import OFFLOADS, DecodeSettings, Offload, Plan
+
+TILE_FLOOR_PX = 64  # smaller tiles see too little context for a clean seam and cost more in seams than they save
+OFFLOAD_RUNGS: tuple[Offload, ...] = OFFLOADS  # type: ignore[assignment]  # fastest first
+RungKind = Literal["offload", "tiling", "tiles", "chunks"]
+Stage = Literal["loading", "encoding", "denoising", "decoding"]
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """One decode rung down: the settings after it and a line for the person and the sidecar."""
+
+    kind: RungKind
+    settings: DecodeSettings
+    change: str
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The rungs below a position, for one run on one machine.
+
+    cuda: offload rungs free GPU memory; on the CPU there are none (see the module docstring).
+    own_chunk: the family's own decode chunk in latent frames, where `chunk_frames == 0` starts.
+    frame_px: (height, width) of the video, so that tile rungs which would change nothing are skipped;
+        None when unknown (every halving then counts).
+    spatial_factor: output pixels per latent pixel; halved tiles stay whole latent pixels.
+    """
+
+    cuda: bool
+    own_chunk: int = 1
+    frame_px: tuple[int, int] | None = None
+    spatial_factor: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.own_chunk, int) or self.own_chunk < 1:
+            raise ValueError(f"own_chunk={self.own_chunk!r} is not allowed; use a positive count of latent frames")
+        if not isinstance(self.spatial_factor, int) or self.spatial_factor < 1:
+            raise ValueError(f"spatial_factor={self.spatial_factor!r} is not allowed; use a positive integer")
+
+    # ---------------------------------------------------------------- offload
+
+    def offload_rungs(self) -> tuple[Offload, ...]:
+        """The offload rungs that can free memory here: all four on CUDA, none below "none" on the CPU."""
+        return OFFLOAD_RUNGS if self.cuda else OFFLOAD_RUNGS[:1]
+
+    def next_offload(self, offload: Offload) -> Offload | None:
+        """The offload rung below `offload`, or None (at the bottom, or on the CPU where none frees RAM)."""
+        if not self.cuda:
+            return None
+        if offload not in OFFLOAD_RUNGS:
+            raise ValueError(f"offload={offload!r} is not allowed; choose one of {', '.join(OFFLOAD_RUNGS)}")
+        i = OFFLOAD_RUNGS.index(offload)
+        return OFFLOAD_RUNGS[i + 1] if i + 1 < len(OFFLOAD_RUNGS) else None
+
+    # ---------------------------------------------------------------- decode
+
+    def next_decode(self, d: DecodeSettings) -> DecodeStep | None:
+        """The decode rung below `d`: tiling on, else halved tiles, else smaller chunks; None at the bottom."""
+        if not d.enable_vae_tiling:
+            tiled = dataclasses.replace(d, enable_vae_tiling=True)
+            if not self._covers_frame(tiled):
+                return DecodeStep("tiling", tiled, f"VAE tiling on ({tiled.tile_x}x{tiled.tile_y} px tiles)")
+            halved = self._halve(tiled)  # tiles as large as the frame would change nothing: start smaller
+            if halved is not None:
+                return DecodeStep("tiling", halved, f"VAE tiling on ({halved.tile_x}x{halved.tile_y} px tiles)")
+        else:
+            halved = self._halve(d)
+            if halved is not None:
+                return DecodeStep("tiles", halved, f"tiles {d.tile_x}x{d.tile_y} -> {halved.tile_x}x{halved.tile_y} px")
+        chunk = d.chunk_frames or self.own_chunk
+        if chunk > 1:
+            fewer = dataclasses.replace(d, chunk_frames=chunk // 2)
+            return DecodeStep("chunks", fewer, f"decode chunks {chunk} -> {chunk // 2} latent frames")
+        return None
+
+    def decode_rungs(self, d: DecodeSettings) -> list[DecodeSettings]:
+        """`d`, then every decode rung below it, in order (what the planner searches)."""
+        rungs = [d]
+        while (step := self.next_decode(rungs[-1])) is not None:
+            rungs.append(step.settings)
+        return rungs
+
+    # ---------------------------------------------------------------- one step for a run
+
+    def step(self, plan: Plan, stage: Stage) -> tuple[Plan, str] | None:
+        """The plan one rung lower after an out-of-memory at `stage`, with a one-line description; None
+        at the bottom. Only offload helps a load or a denoise; a decode tries offload first (the
+        transformer leaves the GPU), then the decode rungs."""
+        lower = self.next_offload(plan.offload)
+        if lower is not None:
+            return plan.replace(offload=lower), f"offload {plan.offload} -> {lower}"
+        if stage != "decoding":
+            return None
+        step = self.next_decode(plan.decode)
+        return (plan.replace(decode=step.settings), step.change) if step is not None else None
+
+    # ---------------------------------------------------------------- tile arithmetic
+
+    def _covers_frame(self, d: DecodeSettings) -> bool:
+        """Whether one tile spans the whole frame (tiling then decodes exactly what untiled does)."""
+        return self.frame_px is not None and d.tile_y >= self.frame_px[0] and d.tile_x >= self.frame_px[1]
+
+    def _halve(self, d: DecodeSettings) -> DecodeSettings | None:
+        """Both tile sides halved (each side down to the floor, a side at the floor kept); None if neither
+        side can shrink."""
+        frame_h, frame_w = self.frame_px or (None, None)
+        tile_y, stride_y = self._halve_axis(d.tile_y, d.tile_stride_y, frame_h)
+        tile_x, stride_x = self._halve_axis(d.tile_x, d.tile_stride_x, frame_w)
+        if (tile_y, tile_x) == (d.tile_y, d.tile_x):
+            return None
+        return dataclasses.replace(d, tile_y=tile_y, tile_x=tile_x, tile_stride_y=stride_y, tile_stride_x=stride_x)
+
+    def _halve_axis(self, tile: int, stride: int, frame: int | None) -> tuple[int, int]:
+        f = self.spatial_factor
+        span = min(tile, frame) if frame else tile  # what a tile really covers on this axis
+        floor = max(f, TILE_FLOOR_PX // f * f)
+        if span <= floor:
+            return tile, stride
+        new = max(floor, span // 2 // f * f)
+        if frame and tile >= frame:
+            new_stride = new * 3 // 4  # one tile covered the axis: a quarter of the new tile overlaps
+        else:
+            new_stride = stride * new // tile  # keep the overlap in proportion, so seams stay blended
+        return new, min(new, max(f, new_stride // f * f))
+
+
+def decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:
+    """One line for what changed between two decode settings (the planner's reason), or None."""
+    if old == new:
+        return None
+    parts = []
+    if not old.enable_vae_tiling and new.enable_vae_tiling:
+        parts.append(f"VAE tiling on ({new.tile_x}x{new.tile_y} px tiles)")
+    elif (old.tile_x, old.tile_y) != (new.tile_x, new.tile_y):
+        parts.append(f"VAE tiles {old.tile_x}x{old.tile_y} -> {new.tile_x}x{new.tile_y} px")
+    if old.chunk_frames != new.chunk_frames:
+        parts.append(f"decode chunks {old.chunk_frames or 'own'} -> {new.chunk_frames} latent frames")
+    return ", ".join(parts) or None
