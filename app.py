@@ -6,7 +6,10 @@ module that imports gradio (and only inside functions, so the CLI never pays for
 
 Layout (facefusion style): each part of the page is rendered by one `render_*`
 function that returns its components in a dataclass, and wired by one `listen_*`
-function. Option lists come from the `Literal` types in configs.schema.
+function. Option lists come from the `Literal` types in configs.schema. What is not UI lives below:
+the model list in pipeline_utils.catalog, fields <-> request in pipeline_utils.fields (the CLI shares
+both), the text shown in pipeline_utils.reports, past results in pipeline_utils.results, input files
+in pipeline_utils.media.
 
     build_app(runner)  -> FitVideoApp (the Blocks, its parts, the per-app state)
     serve(app, ...)    -> URL (launch with the queue, auth, upload cap and allowed paths)
@@ -15,13 +18,8 @@ function. Option lists come from the `Literal` types in configs.schema.
 import argparse
 import asyncio
 import contextvars
-import hashlib
-import itertools
-import json
 import logging
 import os
-import secrets
-import shutil
 import socket
 import sys
 import threading
@@ -33,7 +31,8 @@ if TYPE_CHECKING:  # gradio is imported lazily: the CLI subcommands never load i
     import gradio as gr
 
     from configs.schema import GenerationRequest, Plan
-    from pipeline_utils.runner import ProgressEvent, Runner, RunResult
+    from pipeline_utils.catalog import ModelStatus
+    from pipeline_utils.runner import ProgressEvent, Runner
 
 CLI_COMMANDS = ("generate", "decode")
 logger = logging.getLogger("fitvideo")
@@ -42,12 +41,7 @@ GPU_QUEUE = "gpu"  # one concurrency group for everything that touches the model
 DEFAULT_QUEUE_SIZE = 16  # waiting jobs beyond this are refused ("queue full") instead of piling up
 DEFAULT_MAX_UPLOAD = "200mb"  # per uploaded file (images, input videos)
 MEMORY_REFRESH_S = 2.0
-GALLERY_LIMIT = 60  # newest results shown; older ones stay on disk
 STOP_WAIT_S = 60.0  # how long Stop waits for the run to reach its next step before answering
-DOWNLOAD_MB_PER_S = 50  # for the "first run fetches N GB, about M min" estimate
-INPUTS_SUBDIR = "inputs"  # uploads are copied here so a result's settings can be reused after a restart
-FALLBACK_MODEL = "tiny-cogvideox"
-PLAN_PLACEHOLDER_INPUT = Path(__file__)  # see preview_request
 DEFAULT_PROMPT = "a cat walks on the beach at sunset, cinematic"  # so the very first click works
 
 PRECISION_LABELS = {  # keys: configs.schema.Quant
@@ -89,6 +83,10 @@ def build_launch_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login")
     p.add_argument("--insecure", action="store_true", help="allow --listen/--share without --auth")
     p.add_argument("--max-cache-size", type=int, default=None, help="pipelines kept loaded (default 2)")
+    p.add_argument(
+        "--models-dir", default=None, metavar="DIR",
+        help="diffusers model folders here are listed with the registry models (default $FITVIDEO_HOME/models)",
+    )
     p.add_argument("--outputs-dir", default="outputs", help="where videos and their JSON sidecars go")
     p.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="waiting jobs before new ones are refused"
@@ -173,384 +171,66 @@ class AppContext:
     outputs_dir: Path
     default_quant: str = "none"
     jobs: Jobs = field(default_factory=Jobs)
+    models_dir: Path | None = None  # diffusers folders here are listed with the registry models
 
 
-# =========================================================================== models and requests
+# =========================================================================== requests and plans
 
 
-def fmt_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "?"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+UPLOADS = ("image", "video")
 
 
-@dataclass(frozen=True)
-class ModelStatus:
-    model: str
-    ready: bool  # weights on this machine (or built in)
-    tiny: bool  # the random-weight demo family
-    label: str  # for the dropdown
-    note: str  # markdown shown under the dropdown
+def upload_path(payload: Any) -> str | None:
+    """The file behind an upload as our events receive it: unprocessed (gradio's FileData as a dict), or a path."""
+    path = payload.get("path") if isinstance(payload, dict) else payload
+    return str(path) if path else None
 
 
-def model_status(model: str, task: str) -> ModelStatus:
-    """Whether a model's weights are here, and if not, the download and the command that fetches it."""
-    from configs.schema import get_model_spec
-    from pipeline_utils.loaders import ModelUnavailableError, is_offline, resolve_source
-
-    spec = get_model_spec(model)
-    if spec.tiny:
-        return ModelStatus(
-            model, True, True, f"{spec.label} · built in, no download",
-            "**Demo model with random weights**: built in, no download, the video is noise. "
-            "It checks the machinery (queue, progress, memory plan, decode, saving) in about a second.",
-        )
-    repo = spec.tasks[task].repo
-    fetch = f"`hf download {repo}`"
-    minutes = max(1, round(spec.download_gb * 1000 / DOWNLOAD_MB_PER_S / 60))
-    try:
-        source = resolve_source(model, task)  # a file-system look-up; nothing loads
-    except ModelUnavailableError:  # offline with no complete copy, or an incomplete download
-        detail = "offline mode, no complete local copy" if is_offline() else "the local copy is incomplete"
-        return ModelStatus(
-            model, False, False, f"{spec.label} · not on this machine ({spec.download_gb:.0f} GB)",
-            f"**Not on this machine** ({detail}). Fetch it with {fetch} "
-            f"({spec.download_gb:.1f} GB, about {minutes} min at {DOWNLOAD_MB_PER_S} MB/s).",
-        )
-    if source.folder is not None:
-        return ModelStatus(
-            model, True, False, f"{spec.label} · on this machine", f"**On this machine**: `{source.folder}`"
-        )
-    return ModelStatus(
-        model, False, False, f"{spec.label} · download {spec.download_gb:.0f} GB on first run",
-        f"**Not on this machine yet**: the first Generate downloads {spec.download_gb:.1f} GB "
-        f"(about {minutes} min at {DOWNLOAD_MB_PER_S} MB/s). To fetch it ahead: {fetch}.",
-    )
+def upload_name(payload: Any) -> str:
+    """The name the person knows an upload by (its own file name, not gradio's cache path)."""
+    name = payload.get("orig_name") if isinstance(payload, dict) else None
+    return name or Path(upload_path(payload) or "?").name
 
 
-def model_statuses(task: str) -> list[ModelStatus]:
-    from configs.schema import models_for_task
+def check_input(task: str, payload: Any, frames: int) -> list[str]:
+    """An input image / video read as the run will read it, named as the person knows it: RequestError when the
+    run could not use it, else the warnings the run will give (a still video is held for every frame).
 
-    return [model_status(m, task) for m in models_for_task(task)]
+    Why here and not in gradio: gr.Image opens every upload with Pillow before our function runs, and what fails
+    there reaches the page and API clients only as gradio's hidden-error text ("...has not enabled verbose error
+    reporting"). So the events that take an upload do not let gradio process their inputs (`preprocess=False`).
+    """
+    from pipeline_utils.media import check_image, check_video
 
-
-def default_model(statuses: list[ModelStatus]) -> str:
-    """The first real model whose weights are here; else the tiny demo, so Generate works on the first click."""
-    for s in statuses:
-        if s.ready and not s.tiny:
-            return s.model
-    tiny = [s.model for s in statuses if s.tiny]
-    return FALLBACK_MODEL if FALLBACK_MODEL in tiny else tiny[0]
-
-
-def resolutions_for(model: str, task: str) -> list[str]:
-    from configs.schema import get_model_spec
-
-    spec = get_model_spec(model)
-    fixed = spec.tasks[task].fixed_size
-    sizes = [fixed] if fixed else list(spec.resolutions)
-    return [f"{h}x{w}" for h, w in sizes]
+    path, name = upload_path(payload), upload_name(payload)
+    if not path:
+        return []
+    if task == "i2v":
+        check_image(path, name=name)
+        return []
+    return check_video(path, frames, name=name)
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """'480x720' -> (height=480, width=720)."""
-    from configs.schema import RequestError
-
-    try:
-        h, w = (int(part) for part in str(text).lower().split("x"))
-    except ValueError:
-        raise RequestError(f"resolution={text!r} is not allowed; use HEIGHTxWIDTH such as 480x720") from None
-    return h, w
+def with_upload_paths(values: dict[str, Any]) -> dict[str, Any]:
+    return {**values, **{n: upload_path(values[n]) for n in UPLOADS if n in values}}
 
 
-def _whole(value):
-    """UI numbers arrive as floats; pass whole ones on as int and anything else as is, for the check to name."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def pick_seed(seed) -> int:
-    """-1 means a random seed over the full 32-bit range."""
-    from configs.schema import SEED_MAX
-
-    seed = _whole(seed)
-    return secrets.randbelow(SEED_MAX + 1) if seed == -1 else seed
-
-
-def persist_input(path: str | None, outputs_dir: Path) -> str | None:
-    """Copy an upload next to the outputs (by content hash), so 'reuse settings' still finds it after a restart."""
-    if not path or not Path(path).is_file():
-        return path
-    src = Path(path)
-    folder = outputs_dir / INPUTS_SUBDIR
-    if folder.resolve() == src.parent.resolve():
-        return str(src)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    dest = folder / f"{digest}{src.suffix.lower()}"
-    if not dest.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-    return str(dest)
-
-
-def request_from_values(task: str, values: dict[str, Any], seed: int | None = None) -> "GenerationRequest":
-    """The UI's field values (API parameter names) -> a GenerationRequest. Validation stays in the schema."""
-    from configs.schema import DecodeSettings, GenerationRequest
-
-    height, width = parse_resolution(values["resolution"])
-    inputs = {name: values[name] for name in ("image", "video") if values.get(name)}
-    if "strength" in values:
-        inputs["strength"] = float(values["strength"])
-    return GenerationRequest(
-        model=values["model"],
-        task=task,
-        prompt=values.get("prompt") or "",
-        negative_prompt=values.get("negative_prompt") or "",
-        frames=_whole(values["frames"]),
-        height=height,
-        width=width,
-        fps=_whole(values["fps"]),
-        steps=_whole(values["steps"]),
-        guidance=float(values["guidance"]),
-        preset=values["preset"],
-        seed=_whole(values["seed"]) if seed is None else seed,
-        offload=values["offload"],
-        quant=values["quant"],
-        decode=DecodeSettings(
-            enable_vae_tiling=bool(values["vae_tiling"]),
-            tile_x=_whole(values["tile_x"]),
-            tile_y=_whole(values["tile_y"]),
-            tile_stride_x=_whole(values["tile_stride_x"]),
-            tile_stride_y=_whole(values["tile_stride_y"]),
-        ),
-        **inputs,
-    )
-
-
-def preview_request(task: str, values: dict[str, Any]) -> "tuple[GenerationRequest, Plan]":
+def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tuple[GenerationRequest, Plan]":
     """The resolved request and the plan the runner would make for it, before anything loads.
 
-    The input image/video does not change the plan, so until one is uploaded a stand-in
-    file satisfies the schema's file check (the real file is checked when Generate runs).
+    The input image/video does not change the plan, so the preview plans before one is uploaded (the
+    file is checked when Generate runs). A random seed (-1) plans as seed 0: the seed does not change it either.
     """
-    import vram_utils
-    from configs.schema import get_model_spec, resolve_request
+    from configs.schema import resolve_request
+    from pipeline_utils.fields import request_from_fields, whole
 
-    req = request_from_values(task, values, seed=0 if _whole(values["seed"]) == -1 else None)
-    if task == "i2v" and not req.image:
-        req = req.replace(image=str(PLAN_PLACEHOLDER_INPUT))
-    if task == "v2v" and not req.video:
-        req = req.replace(video=str(PLAN_PLACEHOLDER_INPUT))
-    req = resolve_request(req)
-    return req, vram_utils.plan(req, get_model_spec(req.model))
-
-
-# =========================================================================== text shown in the page
-
-
-def plan_markdown(req: "GenerationRequest", plan: "Plan") -> str:
-    """The pre-flight plan: rung, precision, decode, predicted peaks per stage, and why."""
-    on_gpu = plan.device.startswith("cuda")
-    d = plan.decode
-    tiling = "off"
-    if d.enable_vae_tiling:
-        tiling = f"on ({d.tile_x}x{d.tile_y} px tiles, stride {d.tile_stride_x}x{d.tile_stride_y})"
-    budget_on = "GPU" if on_gpu else "host RAM"
-    verdict = "fits" if plan.fits else "**does not fit**"
-    lines = [
-        f"**{req.task.upper()} · {req.model}** · {req.frames} frames · {req.height}x{req.width} · "
-        f"{req.steps} steps · runs on `{plan.device}`",
-        "",
-        f"**Rung:** offload `{plan.offload}` · precision `{plan.quant}` · VAE tiling {tiling}",
-        "",
-        f"**Predicted peak:** GPU {fmt_bytes(plan.predicted_peak_gpu_bytes) if on_gpu else '- (no GPU used)'} · "
-        f"RAM {fmt_bytes(plan.predicted_peak_host_bytes)} · {verdict} in {fmt_bytes(plan.budget_bytes)} of "
-        f"{budget_on} (after the safety margin)",
-    ]
-    if plan.stages:
-        lines += ["", "| stage | predicted peak GPU | predicted peak RAM |", "|---|---|---|"]
-        for stage, peak in plan.stages.items():
-            # GPU backend: stages are GPU peaks, host RAM holds the weights throughout; CPU: stages are RAM peaks.
-            host = fmt_bytes(plan.predicted_peak_host_bytes)
-            gpu, ram = (fmt_bytes(peak), host) if on_gpu else ("-", fmt_bytes(peak))
-            name = f"**{stage}** (peak)" if stage == plan.peak_stage else stage
-            lines.append(f"| {name} | {gpu} | {ram} |")
-    if plan.reasons:
-        lines += ["", "**Why:**"] + [f"- {reason}" for reason in plan.reasons]
-    return "\n".join(lines)
-
-
-def plan_line(plan: "Plan") -> str:
-    hints = [f"{plan.suggested_frames} frames" if plan.suggested_frames else "", plan.suggested_model or ""]
-    hints = [h for h in hints if h]
-    warn = "" if plan.fits else " · **does not fit**" + (f": try {' or '.join(hints)}" if hints else "")
-    return f"**Plan:** {plan.summary}{warn} (details in the Optimization tab)"
-
-
-def memory_markdown(info) -> str:
-    """The live memory table from a `vram_utils.probe()` DeviceInfo."""
-    lines = [f"**{info.summary()}**", "", "| memory | used | free | total |", "|---|---|---|---|"]
-    for gpu in info.gpus:
-        lines.append(
-            f"| GPU {gpu.index}: {gpu.name} | {fmt_bytes(gpu.used_bytes)} | {fmt_bytes(gpu.free_bytes)} | "
-            f"{fmt_bytes(gpu.total_bytes)} |"
-        )
-    if not info.cuda:
-        lines.append("| GPU | no CUDA GPU | | |")
-    host_used, host_free = info.host_total_bytes - info.host_available_bytes, info.host_available_bytes
-    lines.append(f"| host RAM | {fmt_bytes(host_used)} | {fmt_bytes(host_free)} | {fmt_bytes(info.host_total_bytes)} |")
-    lines.append(f"| this process (RSS) | {fmt_bytes(info.process_rss_bytes)} | | |")
-    return "\n".join(lines)
-
-
-def measured_text(measured: dict) -> str:
-    """Measured peaks from the sidecar; '+N' is what this run added above the app's baseline (the planner's figure)."""
-    parts = []
-    for kind, label in (("gpu", "GPU"), ("host", "RAM")):
-        peak, base = measured.get(f"peak_{kind}_bytes"), measured.get(f"baseline_{kind}_bytes")
-        if peak:
-            parts.append(f"peak {label} {fmt_bytes(peak)}" + (f" (+{fmt_bytes(peak - base)} this run)" if base else ""))
-    return " · ".join(parts)
-
-
-def leak_markdown(runner: "Runner", last: int = 8) -> str:
-    """The leak sentinel's last reports, newest first: what each run left behind after its cleanup."""
-    reports = list(runner.sentinel.history)[-last:][::-1]
-    if not reports:
-        return "No run yet: after each run, memory is compared with its baseline here."
-    lines = ["| run | measured | after − before | verdict | largest live tensors |", "|---|---|---|---|---|"]
-    for r in reports:
-        verdict = "**LEAK**" if r.leaked else "ok" if r.judged else "warm-up (a model loaded; not judged)"
-        metric = "GPU allocated" if r.metric == "gpu_allocated" else "process RSS"
-        holders = "; ".join(r.holders) if r.leaked else ""
-        lines.append(f"| {r.label} | {metric} | {r.delta_bytes / 2**20:+.1f} MiB | {verdict} | {holders} |")
-    threshold = reports[0].threshold_bytes / 2**20
-    lines.append(f"\nA run leaks when it leaves more than {threshold:.0f} MiB above its baseline (weights the cache holds excluded).")
-    return "\n".join(lines)
-
-
-def cache_markdown(runner: "Runner") -> str:
-    cache = runner.cache
-    rows = cache.info()
-    head = f"**{len(rows)} of {cache.max_size} loaded** · {fmt_bytes(cache.total_bytes())} (shared parts counted once)"
-    if not rows:
-        return head + "\n\nNothing loaded: models load when Generate is pressed."
-    lines = [head, "", "| model | task | precision | bytes | shared with others |", "|---|---|---|---|---|"]
-    for r in rows:
-        shared = ", ".join(r["shared"]) or "-"
-        lines.append(f"| {r['model']} | {r['task']} | {r['quant']} | {fmt_bytes(r['bytes'])} | {shared} |")
-    return "\n".join(lines)
+    req = request_from_fields(task, with_upload_paths(values), seed=0 if whole(values.get("seed")) == -1 else None)
+    req = resolve_request(req, check_files=False)
+    return req, ctx.runner.plan(req)
 
 
 def cache_choices(runner: "Runner") -> list[tuple[str, str]]:
     return [(f"{m} · {t} · {q}", f"{m}|{t}|{q}") for m, t, q in runner.cache.keys()]
-
-
-def result_markdown(result: "RunResult", outputs_dir: Path) -> str:
-    req, t = result.request, result.timings
-    where = result.video_path
-    try:
-        where = result.video_path.relative_to(outputs_dir.parent)
-    except ValueError:
-        pass
-    timing = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items() if k != "total_s")
-    peak = measured_text(result.measured)
-    lines = [
-        f"**Saved** `{where}` (+ `{result.sidecar_path.name}`)",
-        "",
-        f"seed **{req.seed}** · {result.frames} frames · {req.height}x{req.width} @ {req.fps} fps · "
-        f"{t.get('total_s', 0):.1f} s ({timing})" + (f" · {peak}" if peak else ""),
-        "",
-        f"plan: {result.plan.summary}",
-    ]
-    lines += [f"- out of memory while {s['stage']}: retried with {s['change']}" for s in result.step_downs]
-    lines += [f"- warning: {w}" for w in result.warnings]
-    return "\n".join(lines)
-
-
-# =========================================================================== past results
-
-
-@dataclass(frozen=True)
-class PastResult:
-    name: str  # the video file name, unique in the folder
-    video: Path
-    sidecar: Path
-    data: dict
-
-    @property
-    def request(self) -> "GenerationRequest":
-        from configs.schema import GenerationRequest
-
-        return GenerationRequest.from_dict(self.data["request"])
-
-    def caption(self) -> str:
-        r = self.data["request"]
-        prompt = r.get("prompt", "")
-        short = prompt if len(prompt) <= 40 else prompt[:40] + "…"
-        return f"{r.get('task', '?').upper()} · seed {r.get('seed')} · {short}"
-
-
-def read_result(sidecar: Path) -> PastResult | None:
-    """The result a sidecar describes, or None when it is unreadable or its video is gone."""
-    try:
-        data = json.loads(sidecar.read_text(encoding="utf-8"))
-        video = sidecar.parent / data["video"]
-        data["request"]["task"]  # noqa: B018 -- a sidecar without a request is not a result
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.debug("skipping %s: %s", sidecar, exc)
-        return None
-    return PastResult(video.name, video, sidecar, data) if video.is_file() else None
-
-
-def list_results(outputs_dir: Path, limit: int = GALLERY_LIMIT) -> list[PastResult]:
-    """Finished results in the folder, newest first (hidden partial files left out)."""
-    folder = Path(outputs_dir)
-    sidecars = [p for p in folder.glob("*.json") if not p.name.startswith(".")] if folder.is_dir() else []
-    sidecars.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
-    results = (r for r in map(read_result, sidecars) if r is not None)
-    return list(itertools.islice(results, limit))
-
-
-def find_result(outputs_dir: Path, name: str) -> PastResult | None:
-    """A result by its video's file name; only a bare name inside the outputs folder is looked up."""
-    if not name or Path(name).name != name:
-        return None
-    return read_result((Path(outputs_dir) / name).with_suffix(".json"))
-
-
-def gallery_items(results: list[PastResult]) -> list[tuple[str, str]]:
-    return [(str(r.video), r.caption()) for r in results]
-
-
-def result_details(result: PastResult) -> str:
-    d = result.data
-    r = d["request"]
-    predicted = d.get("predicted") or {}
-    lines = [
-        f"**{result.name}** · {r['task'].upper()} · `{r['model']}` · created {d.get('created', '?')}",
-        "",
-        f"> {r.get('prompt', '')}",
-        "",
-        f"seed {r.get('seed')} · {d.get('frames', r.get('frames'))} frames · {r.get('height')}x{r.get('width')} @ "
-        f"{r.get('fps')} fps · {r.get('steps')} steps · guidance {r.get('guidance')} · preset {r.get('preset')}",
-        "",
-        f"plan: {(d.get('plan') or {}).get('summary', '')}",
-        "",
-        f"predicted peak: GPU {fmt_bytes(predicted.get('peak_gpu_bytes'))} · "
-        f"RAM {fmt_bytes(predicted.get('peak_host_bytes'))}",
-        "",
-        f"measured: {measured_text(d.get('measured') or {}) or '-'}",
-        "",
-        "timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in (d.get("timings") or {}).items()),
-    ]
-    return "\n".join(lines)
 
 
 # =========================================================================== UI parts
@@ -565,7 +245,7 @@ class TaskTab:
     prompt: "gr.Textbox"
     negative_prompt: "gr.Textbox"
     image: "gr.Image | None"
-    video: "gr.Video | None"
+    video: "gr.File | None"  # see render_inputs
     strength: "gr.Slider | None"
     seed: "gr.Number"
     preset: "gr.Radio"
@@ -582,10 +262,10 @@ class TaskTab:
     info: "gr.Markdown"
 
     def fields(self) -> dict[str, Any]:
-        """API parameter name -> component, for the request fields this tab owns."""
-        names = ["model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "frames", "fps"]
-        names += ["resolution"] + [n for n in ("image", "video", "strength") if getattr(self, n) is not None]
-        return {n: getattr(self, n) for n in names}
+        """API parameter name -> component, for the request fields this tab owns (in pipeline_utils.fields' order)."""
+        from pipeline_utils.fields import REQUEST_FIELDS
+
+        return {n: getattr(self, n) for n in REQUEST_FIELDS if getattr(self, n) is not None}
 
 
 @dataclass
@@ -633,15 +313,32 @@ class FitVideoApp:
     queue_size: int = DEFAULT_QUEUE_SIZE
 
 
-def render_task_tab(task: str, statuses: list[ModelStatus]) -> TaskTab:
+def render_inputs(task: str) -> "tuple[gr.Image | None, gr.File | None]":
+    """The tab's input image (I2V) or video (V2V). Events read them unprocessed (see check_input)."""
+    import gradio as gr
+
+    image = video = None
+    if task == "i2v":
+        image = gr.Image(
+            label="Input image", type="filepath", sources=["upload", "clipboard"], height=220, elem_id="i2v-image"
+        )
+    if task == "v2v":  # a file, not gr.Video: the page's video upload takes video/* only, and GIFs are welcome
+        video = gr.File(
+            label="Input video (MP4, WebM, MOV, GIF; a still image is held for every frame)", type="filepath",
+            file_types=["video", "image"], file_count="single", elem_id="v2v-video",
+        )
+    return image, video
+
+
+def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
     import gradio as gr
 
     from configs.schema import PRESETS, GenerationRequest, get_model_spec, load_presets
+    from pipeline_utils.catalog import default_model, resolutions_for
 
     model = default_model(statuses)
     spec = get_model_spec(model)
-    presets = load_presets()
-    preset = presets["balanced"]
+    preset = load_presets()["balanced"]
     titles = {"t2v": "Text to video", "i2v": "Image to video", "v2v": "Video to video"}
     with gr.Tab(task.upper(), id=task) as tab:
         with gr.Row(equal_height=False):
@@ -652,13 +349,10 @@ def render_task_tab(task: str, statuses: list[ModelStatus]) -> TaskTab:
                     info="only models that serve this task",
                 )
                 note = gr.Markdown(next(s.note for s in statuses if s.model == model), elem_id=f"{task}-model-note")
-                image = video = strength = None
-                if task == "i2v":
-                    image = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"], height=220)
-                if task == "v2v":
-                    video = gr.Video(label="Input video", sources=["upload"], height=220)
+                image, video = render_inputs(task)
                 prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=3, elem_id=f"{task}-prompt")
                 negative = gr.Textbox("", label="Negative prompt", lines=1, placeholder="blurry, distorted")
+                strength = None
                 if task == "v2v":
                     strength = gr.Slider(
                         0.0, 1.0, value=GenerationRequest.strength, step=0.05, label="Strength",
@@ -701,6 +395,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     import gradio as gr
 
     from configs.schema import QUANTS, DecodeSettings, OffloadChoice
+    from pipeline_utils.reports import cache_markdown, leak_markdown
 
     d = DecodeSettings()
     with gr.Row(equal_height=False):
@@ -774,22 +469,37 @@ def _progress_to_gradio(progress, event: "ProgressEvent") -> None:
         progress(STAGE_FRACTION.get(event.stage, 0.0), desc=desc)
 
 
+def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tuple[GenerationRequest, list[str]]":
+    """The request a Generate press asks for, checked, and what the person should be told before it runs.
+
+    -1 becomes a real seed. The input is read here under its upload name (check_input), then kept next to
+    the outputs so that a result's settings can be reused after a restart.
+    """
+    from configs.schema import resolve_request
+    from pipeline_utils.fields import pick_seed, request_from_fields
+    from pipeline_utils.media import persist_input
+
+    req = resolve_request(request_from_fields(task, with_upload_paths(values), pick_seed(values.get("seed"))))
+    notes = check_input(task, values.get("image") or values.get("video"), req.frames)
+    kept = {name: persist_input(getattr(req, name), ctx.outputs_dir) for name in UPLOADS}
+    return req.replace(**{name: path for name, path in kept.items() if path}), notes
+
+
 def make_generate(ctx: AppContext, task: str):
     import gradio as gr
 
     from configs.schema import RequestError
+    from pipeline_utils.reports import result_markdown
     from pipeline_utils.runner import Cancelled, RunFailed
 
     async def generate(request: gr.Request, progress=gr.Progress(), **values):
-        # 1. The request (-1 becomes a real seed; uploads are kept next to the outputs). The runner checks it.
-        seed = pick_seed(values["seed"])
+        # 1. The request; what the person should know about the input shows at once.
         try:
-            for name in ("image", "video"):
-                if name in values:
-                    values[name] = persist_input(values[name], ctx.outputs_dir)
-            req = request_from_values(task, values, seed)
+            req, notes = prepare_request(ctx, task, values)
         except (RequestError, OSError) as exc:
             raise gr.Error(str(exc)) from None
+        for note in notes:
+            gr.Warning(note)
         # 2. Run in a worker thread with this event's context (gr.Progress lives in a contextvar).
         key = (request.session_hash or "", task)
         job = ctx.jobs.start(key)
@@ -812,7 +522,7 @@ def make_generate(ctx: AppContext, task: str):
             await asyncio.wait([future])
             raise
         except Cancelled:
-            return None, seed, stopped_text(job)
+            return None, req.seed, stopped_text(job)
         except (RequestError, RunFailed) as exc:  # messages written for the person: name the value, say what to do
             raise gr.Error(str(exc)) from None
         except Exception as exc:  # the app stays up after any failed run
@@ -820,6 +530,7 @@ def make_generate(ctx: AppContext, task: str):
             raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from None
         finally:
             ctx.jobs.finish(key, job)
+        # the runner's warnings (the input notes among them) are in the result and its sidecar
         return str(result.video_path), result.request.seed, result_markdown(result, ctx.outputs_dir)
 
     generate.__name__ = f"generate_{task}"
@@ -846,41 +557,64 @@ def make_stop(ctx: AppContext, task: str):
     return stop
 
 
-def plan_texts(task: str, values: dict[str, Any]) -> tuple[str, str]:
+def plan_texts(ctx: AppContext, task: str, values: dict[str, Any]) -> tuple[str, str]:
     """(one line for the tab, the full plan for the Optimization tab), or why these settings cannot run."""
     from configs.schema import RequestError
+    from pipeline_utils.reports import plan_line, plan_markdown
 
     try:
-        req, plan = preview_request(task, values)
+        req, plan = preview_request(ctx, task, values)
     except RequestError as exc:
         text = f"**Cannot plan these settings:** {exc}"
         return text, text
     return plan_line(plan), plan_markdown(req, plan)
 
 
-def make_preview(task: str):
+def make_preview(ctx: AppContext, task: str):
     import gradio as gr
 
     def preview(active: str, **values) -> tuple[str, str]:
-        line, full = plan_texts(task, values)
+        line, full = plan_texts(ctx, task, values)
         return line, (full if active == task else gr.skip())  # the Optimization tab shows the active tab's plan
 
     preview.__name__ = f"plan_{task}"
     return preview
 
 
-def make_select(task: str):
+def make_select(ctx: AppContext, task: str):
     def select(**values) -> tuple[str, str, str]:
-        return (task, *plan_texts(task, values))
+        return (task, *plan_texts(ctx, task, values))
 
     select.__name__ = f"select_{task}"
     return select
+
+
+def make_check_upload(task: str):
+    """Checks an upload as it arrives, so what is wrong with it shows at once as a toast, before Generate.
+    A queued event: gradio shows the errors of unqueued ones (the plan preview) nowhere."""
+    import gradio as gr
+
+    from configs.schema import RequestError
+    from pipeline_utils.fields import whole
+
+    def check_upload(payload, frames) -> None:
+        frames = whole(frames)
+        try:
+            notes = check_input(task, payload, frames if isinstance(frames, int) and frames > 0 else 1)
+        except RequestError as exc:
+            raise gr.Error(str(exc)) from None
+        for note in notes:
+            gr.Warning(note)
+
+    check_upload.__name__ = f"check_upload_{task}"
+    return check_upload
 
 
 def on_model_change(task: str):
     import gradio as gr
 
     from configs.schema import get_model_spec
+    from pipeline_utils.catalog import resolutions_for
 
     def change(model: str, frames, resolution: str):
         spec = get_model_spec(model)
@@ -910,6 +644,8 @@ def fill_preset(name: str) -> tuple[int, float]:
 def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     import gradio as gr
 
+    from pipeline_utils.catalog import model_status
+
     ctx, opt = app.ctx, app.optimization
     kwargs = {**tab.fields(), **opt.fields()}
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -922,20 +658,27 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     )
     tab.model.change(lambda m: model_status(m, tab.task).note, tab.model, tab.model_note, **hidden)
     tab.preset.input(fill_preset, tab.preset, [tab.steps, tab.guidance], **hidden)
+    # Events that take an upload get it unprocessed: check_input reads it and names what is wrong with it.
+    upload = tab.image if tab.image is not None else tab.video
+    raw = dict(preprocess=False) if upload is not None else {}
+    if upload is not None:  # queued, unlike the preview: its errors and warnings show as toasts
+        upload.upload(make_check_upload(tab.task), [upload, tab.frames], None, api_visibility="private",
+                      show_progress="hidden", **raw)
 
     # The plan follows every setting, before Generate is pressed.
     gr.on(
-        [c.change for c in kwargs.values()] + [app.demo.load], make_preview(tab.task), inputs=[app.active_task],
+        [c.change for c in kwargs.values()] + [app.demo.load], make_preview(ctx, tab.task), inputs=[app.active_task],
         inputs_kwargs=kwargs, outputs=[tab.plan_line, opt.plan], api_name=f"plan_{tab.task}", queue=False,
-        show_progress="hidden", trigger_mode="always_last",
+        show_progress="hidden", trigger_mode="always_last", **raw,
     )
     tab.tab.select(
-        make_select(tab.task), inputs_kwargs=kwargs, outputs=[app.active_task, tab.plan_line, opt.plan], **hidden
+        make_select(ctx, tab.task), inputs_kwargs=kwargs, outputs=[app.active_task, tab.plan_line, opt.plan],
+        **hidden, **raw,
     )
 
     run = tab.generate.click(
         make_generate(ctx, tab.task), inputs_kwargs=kwargs, outputs=[tab.result, tab.used_seed, tab.info],
-        api_name=tab.task, concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[tab.result],
+        api_name=tab.task, concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[tab.result], **raw,
     )
     run.success(
         lambda: after_run(app, tab.task), None,
@@ -949,18 +692,25 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
     """Cache panel, gallery and model labels (a first run may have downloaded weights) after a run."""
     import gradio as gr
 
+    from pipeline_utils.catalog import model_statuses
+    from pipeline_utils.reports import cache_markdown
+    from pipeline_utils.results import gallery_items, list_results
+
     results = list_results(app.ctx.outputs_dir)
     return (
         cache_markdown(app.ctx.runner),
         gr.Dropdown(choices=cache_choices(app.ctx.runner)),
         gallery_items(results),
         gr.Dropdown(choices=[r.name for r in results]),
-        gr.Dropdown(choices=[(s.label, s.model) for s in model_statuses(task)]),
+        gr.Dropdown(choices=[(s.label, s.model) for s in model_statuses(task, app.ctx.models_dir)]),
     )
 
 
 def listen_optimization(app: FitVideoApp, timer) -> None:
     import gradio as gr
+
+    from pipeline_utils.fields import whole
+    from pipeline_utils.reports import cache_markdown, fmt_bytes, leak_markdown, memory_markdown
 
     ctx, opt = app.ctx, app.optimization
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -990,7 +740,7 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
         return refresh_cache()
 
     def set_max_cache_size(n):
-        n = _whole(n)
+        n = whole(n)
         if not isinstance(n, int) or n < 1:
             raise gr.Error(f"MAX_CACHE_SIZE={n!r} is not allowed; use a whole number of 1 or more")
         cache = ctx.runner.cache
@@ -1015,6 +765,9 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
 def listen_gallery(app: FitVideoApp) -> None:
     import gradio as gr
 
+    from pipeline_utils.reports import result_details
+    from pipeline_utils.results import find_result, gallery_items, list_results
+
     ctx, g = app.ctx, app.gallery
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
 
@@ -1035,50 +788,46 @@ def listen_gallery(app: FitVideoApp) -> None:
     g.gallery.select(select, None, g.pick, **hidden)
     g.pick.change(details, g.pick, g.details, api_name="result_details", queue=False)
 
-    tabs = app.task_tabs
     outputs = [app.tabs, app.active_task, *app.optimization.fields().values()]
-    for tab in tabs.values():
+    for tab in app.task_tabs.values():
         outputs += list(tab.fields().values())
+    g.reuse.click(make_reuse(app), g.pick, outputs, api_name="reuse", queue=False)
+
+
+def make_reuse(app: FitVideoApp):
+    """Reuse settings: a past result's fields into its tab and the Optimization tab; the other tabs stay."""
+    import gradio as gr
+
+    from configs.schema import get_model_spec
+    from pipeline_utils.catalog import offered_models, resolutions_for
+    from pipeline_utils.fields import fields_from_request
+    from pipeline_utils.results import find_result
+
+    ctx = app.ctx
 
     def reuse(name: str | None):
-        from configs.schema import get_model_spec, models_for_task
-
         result = find_result(ctx.outputs_dir, name)
         if result is None:
             raise gr.Error(f"no saved result named {name!r} in {ctx.outputs_dir}; pick one from the gallery")
         req = result.request
-        tab = tabs[req.task]
-        updates = {app.tabs: gr.Tabs(selected=req.task), app.active_task: req.task}
-        opt = app.optimization
-        updates.update(
-            {
-                opt.offload: req.offload, opt.quant: req.quant, opt.vae_tiling: req.decode.enable_vae_tiling,
-                opt.tile_x: req.decode.tile_x, opt.tile_y: req.decode.tile_y,
-                opt.tile_stride_x: req.decode.tile_stride_x, opt.tile_stride_y: req.decode.tile_stride_y,
-            }
-        )
-        if req.model in models_for_task(req.task):
+        tab, values = app.task_tabs[req.task], fields_from_request(req)
+        components = {**app.optimization.fields(), **tab.fields()}
+        dependent = ("model", "frames", "resolution", "image", "video")  # set below, when they still apply
+        updates = {c: values[n] for n, c in components.items() if n not in dependent}
+        updates.update({app.tabs: gr.Tabs(selected=req.task), app.active_task: req.task})
+        if req.model in offered_models(req.task, ctx.models_dir):  # a model still offered for the task
             spec = get_model_spec(req.model)
-            choices = resolutions_for(req.model, req.task)
             updates[tab.model] = req.model
             updates[tab.frames] = gr.Slider(maximum=spec.max_frames, step=spec.frame_step, value=req.frames)
-            updates[tab.resolution] = gr.Dropdown(choices=choices, value=f"{req.height}x{req.width}")
-        updates.update(
-            {
-                tab.prompt: req.prompt, tab.negative_prompt: req.negative_prompt, tab.seed: req.seed,
-                tab.preset: req.preset, tab.steps: req.steps, tab.guidance: req.guidance, tab.fps: req.fps,
-            }
-        )
-        if tab.image is not None and req.image and Path(req.image).is_file():
-            updates[tab.image] = req.image
-        if tab.video is not None and req.video and Path(req.video).is_file():
-            updates[tab.video] = req.video
-        if tab.strength is not None:
-            updates[tab.strength] = req.strength
+            choices = resolutions_for(req.model, req.task)
+            updates[tab.resolution] = gr.Dropdown(choices=choices, value=values["resolution"])
+        for n in ("image", "video"):  # a kept input, when it is still on disk
+            if n in components and values[n] and Path(values[n]).is_file():
+                updates[components[n]] = values[n]
         gr.Info(f"settings of {name} loaded into the {req.task.upper()} tab")
         return updates
 
-    g.reuse.click(reuse, g.pick, outputs, api_name="reuse", queue=False)
+    return reuse
 
 
 # =========================================================================== build and serve
@@ -1089,16 +838,19 @@ def build_app(
     default_quant: str = "none",
     queue_size: int = DEFAULT_QUEUE_SIZE,
     memory_refresh_s: float = MEMORY_REFRESH_S,
+    models_dir: str | Path | None = None,
 ) -> FitVideoApp:
-    """The whole UI around one runner. Loads no model: everything heavy waits for Generate."""
+    """The whole UI around one runner. Loads no model: everything heavy waits for Generate. Diffusers folders
+    under `models_dir` are listed with the registry models."""
     import gradio as gr
 
     from configs.schema import TASKS
     from decode.writer import remove_partials
+    from pipeline_utils.catalog import model_statuses
 
-    ctx = AppContext(runner, Path(runner.outputs_dir), default_quant)
+    ctx = AppContext(runner, Path(runner.outputs_dir), default_quant, models_dir=Path(models_dir) if models_dir else None)
     remove_partials(ctx.outputs_dir)  # a killed run never leaves a half video in the gallery
-    statuses = {task: model_statuses(task) for task in TASKS}
+    statuses = {task: model_statuses(task, ctx.models_dir) for task in TASKS}
     demo_only = not any(s.ready and not s.tiny for ss in statuses.values() for s in ss)
 
     with gr.Blocks(title="FitVideo", delete_cache=(3600, 86400)) as demo:
@@ -1133,9 +885,9 @@ def serve(
     share: bool = False,
     auth: tuple[str, str] | None = None,
     max_file_size: str | int = DEFAULT_MAX_UPLOAD,
-    block: bool = False,
 ) -> str:
-    """Launch with the GPU queue bounded; serve files only from the outputs folder. Returns the URL."""
+    """Launch with the GPU queue bounded; serve files only from the outputs folder. Returns the local URL
+    at once (the server runs in its own thread; `app.demo.block_thread()` waits on it)."""
     _, url, _ = app.demo.queue(max_size=app.queue_size, default_concurrency_limit=1).launch(
         server_name=host,
         server_port=port,
@@ -1143,8 +895,8 @@ def serve(
         auth=auth,
         allowed_paths=[str(app.ctx.outputs_dir.resolve())],
         max_file_size=max_file_size,
-        prevent_thread_lock=not block,
-        quiet=not block,
+        prevent_thread_lock=True,
+        quiet=True,
         css=CSS,
     )
     return url
@@ -1174,14 +926,19 @@ def launch(argv: list[str]) -> int:
     from pipeline_utils.runner import Runner
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
-    app = build_app(runner, precision_from_args(args), queue_size=args.queue_size)
+    from pipeline_utils.tiny import fitvideo_home
+
+    models_dir = args.models_dir or fitvideo_home() / "models"
+    app = build_app(runner, precision_from_args(args), queue_size=args.queue_size, models_dir=models_dir)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     logger.info("outputs in %s; no model is loaded until Generate is pressed", Path(args.outputs_dir).resolve())
     try:
-        serve(app, host=host, port=args.port, share=args.share, auth=auth, block=True)
+        url = serve(app, host=host, port=args.port, share=args.share, auth=auth)
     except OSError as exc:  # lost a race for the port after the check
         print(f"error: cannot serve on {host}:{args.port}: {exc}; try --port {args.port + 1}", file=sys.stderr)
         return 2
+    logger.info("FitVideo is running on %s%s", url, f" (public link: {app.demo.share_url})" if args.share else "")
+    app.demo.block_thread()  # until Ctrl+C
     return 0
 
 

@@ -266,14 +266,9 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
     Raises RequestError naming the offending value and what is allowed. `check_files=False` leaves out the
     input image / video checks (a plan preview before anything is uploaded: the file does not change the plan).
     """
+    # 1. What is asked of which model, in words.
     spec = get_model_spec(req.model)
-    if req.task not in TASKS:
-        raise RequestError(f"task={req.task!r} is not allowed; choose one of {TASKS}")
-    if req.task not in spec.tasks:
-        raise RequestError(
-            f"model {req.model!r} has no {req.task} pipeline; it serves: {', '.join(spec.tasks)}. "
-            f"Models with {req.task}: {', '.join(models_for_task(req.task))}"
-        )
+    _check_task(req, spec)
     prompt = (req.prompt or "").strip()
     if not prompt:
         raise RequestError("prompt is empty; describe the video you want")
@@ -282,13 +277,53 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
     if req.preset not in PRESETS:
         raise RequestError(f"preset={req.preset!r} is not allowed; choose one of {PRESETS}")
     preset = load_presets()[req.preset]
+    # 2. The video's shape, within the family's rules and the model's sizes.
+    frames = _frames(req, spec)
+    height, width = _size(req, spec)
+    # 3. Sampling and memory settings.
+    fps = spec.fps if req.fps is None else req.fps
+    _check_number("fps", fps, 1, 120, "use 1 to 120 frames per second")
+    steps = preset.steps if req.steps is None else req.steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise RequestError(f"steps={steps!r} is not allowed; use a whole number from 1 to 1000")
+    guidance = preset.guidance if req.guidance is None else req.guidance
+    _check_number("guidance", guidance, 0.0, 100.0, "use a number from 0 to 100")
+    _check_number("seed", req.seed, 0, SEED_MAX, f"use 0 to {SEED_MAX} (-1 for random in the UI)")
+    if not isinstance(req.seed, int):
+        raise RequestError(f"seed={req.seed!r} is not allowed; use a whole number from 0 to {SEED_MAX}")
+    if req.offload not in get_args(OffloadChoice):
+        raise RequestError(f"offload={req.offload!r} is not allowed; choose one of {get_args(OffloadChoice)}")
+    if req.quant not in QUANTS:
+        raise RequestError(f"quant={req.quant!r} is not allowed; choose one of {QUANTS}")
+    # 4. The inputs the task needs.
+    _check_inputs(req, check_files)
+    check_decode(req.decode)
+    return req.replace(
+        prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance)
+    )
 
+
+def _check_task(req: GenerationRequest, spec: ModelSpec) -> None:
+    if req.task not in TASKS:
+        raise RequestError(f"task={req.task!r} is not allowed; choose one of {TASKS}")
+    if req.task not in spec.tasks:
+        raise RequestError(
+            f"model {req.model!r} has no {req.task} pipeline; it serves: {', '.join(spec.tasks)}. "
+            f"Models with {req.task}: {', '.join(models_for_task(req.task))}"
+        )
+
+
+def _frames(req: GenerationRequest, spec: ModelSpec) -> int:
     frames = spec.default_frames if req.frames is None else req.frames
     if isinstance(frames, bool) or not isinstance(frames, int) or not spec.frames_ok(frames) or frames > spec.max_frames:
         raise RequestError(
             f"frames={frames!r} is not allowed for {spec.family} models; use {spec.frame_rule_text()} "
             f"up to {spec.max_frames} (nearest: {spec.snap_frames(frames) if isinstance(frames, int) else spec.default_frames})"
         )
+    return frames
+
+
+def _size(req: GenerationRequest, spec: ModelSpec) -> tuple[int, int]:
     height, width = spec.default_resolution
     height = height if req.height is None else req.height
     width = width if req.width is None else req.width
@@ -305,30 +340,16 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
             f"size {height}x{width} is not allowed for {req.model} {req.task}: its learned positional "
             f"embeddings fix the size at {fixed[0]}x{fixed[1]}"
         )
-    fps = spec.fps if req.fps is None else req.fps
-    _check_number("fps", fps, 1, 120, "use 1 to 120 frames per second")
-    steps = preset.steps if req.steps is None else req.steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise RequestError(f"steps={steps!r} is not allowed; use a whole number from 1 to 1000")
-    guidance = preset.guidance if req.guidance is None else req.guidance
-    _check_number("guidance", guidance, 0.0, 100.0, "use a number from 0 to 100")
-    _check_number("seed", req.seed, 0, SEED_MAX, f"use 0 to {SEED_MAX} (-1 for random in the UI)")
-    if not isinstance(req.seed, int):
-        raise RequestError(f"seed={req.seed!r} is not allowed; use a whole number from 0 to {SEED_MAX}")
-    if req.offload not in get_args(OffloadChoice):
-        raise RequestError(f"offload={req.offload!r} is not allowed; choose one of {get_args(OffloadChoice)}")
-    if req.quant not in QUANTS:
-        raise RequestError(f"quant={req.quant!r} is not allowed; choose one of {QUANTS}")
+    return height, width
+
+
+def _check_inputs(req: GenerationRequest, check_files: bool) -> None:
     if req.task == "i2v" and check_files:
         _check_input_file("image", req.image)
     if req.task == "v2v":
         if check_files:
             _check_input_file("video", req.video)
         _check_number("strength", req.strength, 0.0, 1.0, "use a number from 0 to 1")
-    check_decode(req.decode)
-    return req.replace(
-        prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance)
-    )
 
 
 def _check_input_file(name: str, path: str | None) -> None:

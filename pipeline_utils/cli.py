@@ -1,5 +1,7 @@
 """The headless CLI: `python app.py generate ...` runs the same engine as the UI.
 
+The flags are the page's fields (pipeline_utils.fields turns them into the request), and the plan is the
+page's text (pipeline_utils.reports): `generate --plan` prints it and stops before anything loads.
 Exit codes: 0 success, 2 bad input (one line naming the value), 1 anything else.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 from typing import get_args
 
 from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, DType, GenerationRequest, OffloadChoice, RequestError
+from pipeline_utils.fields import decode_overrides, request_from_fields
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +60,6 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="latent frames per decode chunk (0 = auto)")
 
 
-def decode_from_args(args: argparse.Namespace) -> DecodeSettings:
-    return DecodeSettings(
-        enable_vae_tiling=args.vae_tiling,
-        tile_x=args.tile_x,
-        tile_y=args.tile_y,
-        tile_stride_x=args.tile_stride_x,
-        tile_stride_y=args.tile_stride_y,
-        chunk_frames=args.chunk_frames,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="FitVideo headless commands")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outputs-dir", default="outputs")
     g.add_argument("--max-cache-size", type=int, default=None)
     g.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    g.add_argument("--plan", action="store_true", help="print the memory plan for this request and exit (loads nothing)")
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
     d.add_argument("--latents", required=True, help="the <video>.latents.pt a run saved before decoding")
@@ -111,34 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
-    return GenerationRequest(
-        model=args.model,
-        task=args.task,
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        fps=args.fps,
-        steps=args.steps,
-        guidance=args.guidance,
-        preset=args.preset,
-        seed=args.seed,
-        image=args.image,
-        video=args.video,
-        strength=args.strength,
-        offload=args.offload,
-        quant=args.quant or precision_from_args(args),
-        decode=decode_from_args(args),
-    )
+    """The flags are the page's fields (with --height / --width for its resolution)."""
+    return request_from_fields(args.task, {**vars(args), "quant": args.quant or precision_from_args(args)})
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from configs.schema import resolve_request
     from pipeline_utils.cache import PipelineCache
+    from pipeline_utils.reports import plan_line, plan_markdown
     from pipeline_utils.runner import Runner
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
-    result = runner.generate(request_from_args(args), out_path=args.out)
+    req = resolve_request(request_from_args(args))  # RequestError (exit 2) before anything loads
+    plan = runner.plan(req)
+    if args.plan:
+        print(plan_markdown(req, plan))
+        return 0
+    logger.info("%s", plan_line(plan, details="app.py generate --plan shows the full plan"))
+    result = runner.generate(req, out_path=args.out)
     print(result.video_path)
     logger.info("%d frames in %.1f s; sidecar %s", result.frames, result.timings["total_s"], result.sidecar_path)
     return 0
@@ -147,18 +130,9 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_decode(args: argparse.Namespace) -> int:
     from pipeline_utils.redecode import redecode
 
-    flags = {
-        "enable_vae_tiling": args.vae_tiling,
-        "tile_x": args.tile_x,
-        "tile_y": args.tile_y,
-        "tile_stride_x": args.tile_stride_x,
-        "tile_stride_y": args.tile_stride_y,
-        "chunk_frames": args.chunk_frames,
-    }
-    result = redecode(
-        args.latents, args.out, {k: v for k, v in flags.items() if v is not None},
-        fps=args.fps, dtype=args.dtype, device=args.device,
-    )
+    # Flags left out (None) keep the decode settings the run used.
+    result = redecode(args.latents, args.out, decode_overrides(vars(args)), fps=args.fps, dtype=args.dtype,
+                      device=args.device)
     print(result.video_path)
     stats = result.stats
     logger.info(

@@ -28,7 +28,7 @@ import vram_utils
 from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request
 from families import get_family
 from pipeline_utils.cache import PipelineCache
-from pipeline_utils.media import load_image, load_video
+from pipeline_utils.media import load_image, read_video
 from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom
 from pipeline_utils.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
 from vram_utils import release_memory
@@ -176,7 +176,10 @@ class Runner:
         req = resolve_request(request)
         out = Path(out_path) if out_path else self.default_output(req)
         check_writable(out.parent)
-        run = Run(req, get_model_spec(req.model), RunPaths.beside(out), emit, stop, inputs=self._read_inputs(req))
+        inputs, notes = self._read_inputs(req)
+        run = Run(req, get_model_spec(req.model), RunPaths.beside(out), emit, stop, inputs=inputs)
+        for note in notes:  # e.g. a still image given as the video is held for every frame
+            run.warn(note)
 
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         run.plan = self.plan(req)
@@ -284,12 +287,14 @@ class Runner:
     # ---------------------------------------------------------------- the steps
 
     @staticmethod
-    def _read_inputs(req: GenerationRequest) -> dict:
+    def _read_inputs(req: GenerationRequest) -> tuple[dict, list[str]]:
+        """The pipeline's input arguments, and what the person should know about the inputs."""
         if req.task == "i2v":
-            return {"image": load_image(req.image, req.width, req.height)}
+            return {"image": load_image(req.image, req.width, req.height)}, []
         if req.task == "v2v":
-            return {"video": load_video(req.video, req.frames, req.width, req.height), "strength": req.strength}
-        return {"num_frames": req.frames}
+            video, notes = read_video(req.video, req.frames, req.width, req.height)
+            return {"video": video, "strength": req.strength}, notes
+        return {"num_frames": req.frames}, []
 
     def _denoise(self, run: Run) -> None:
         """Encode the prompt and denoise; `run.latents` ends in VAE space, (B, C, F, H, W)."""

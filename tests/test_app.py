@@ -13,6 +13,8 @@ import pytest
 from conftest import read_video
 
 import app
+from pipeline_utils.catalog import default_model, model_status, model_statuses
+from pipeline_utils.reports import fmt_bytes
 
 SEED_MAX = 2**32 - 1
 
@@ -169,23 +171,23 @@ def test_model_list_says_what_is_here_and_what_a_download_costs(monkeypatch, tmp
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     # Nothing downloaded: the tiny demo model is the default, labelled as random weights.
-    statuses = app.model_statuses("t2v")
-    assert app.default_model(statuses) == "tiny-cogvideox"
+    statuses = model_statuses("t2v")
+    assert default_model(statuses) == "tiny-cogvideox"
     by_model = {s.model: s for s in statuses}
     assert "random weights" in by_model["tiny-cogvideox"].label and by_model["tiny-cogvideox"].ready
     five_b = by_model["THUDM/CogVideoX-5b"]
     assert not five_b.ready and "22 GB" in five_b.label  # offline (conftest): not on this machine
     assert "`hf download THUDM/CogVideoX-5b`" in five_b.note and "21.7 GB" in five_b.note
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    online = app.model_status("THUDM/CogVideoX-5b", "t2v")
+    online = model_status("THUDM/CogVideoX-5b", "t2v")
     assert online.label.endswith("download 22 GB on first run") and "about 7 min" in online.note
     # Weights in the hub cache: labelled as here, and chosen by default over the demo.
     snap = fake_hub_snapshot(tmp_path, "THUDM/CogVideoX-2b")
-    here = app.model_status("THUDM/CogVideoX-2b", "t2v")
+    here = model_status("THUDM/CogVideoX-2b", "t2v")
     assert here.ready and here.label == "CogVideoX 2B · on this machine" and str(snap) in here.note
-    assert app.default_model(app.model_statuses("t2v")) == "THUDM/CogVideoX-2b"
+    assert default_model(model_statuses("t2v")) == "THUDM/CogVideoX-2b"
     # Only models that serve the task are listed.
-    assert {s.model for s in app.model_statuses("i2v")} == {
+    assert {s.model for s in model_statuses("i2v")} == {
         "THUDM/CogVideoX-5b-I2V", "THUDM/CogVideoX1.5-5B-I2V", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
         "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "tiny-cogvideox", "tiny-wan",
     }
@@ -260,6 +262,68 @@ def test_bad_input_names_the_value_and_the_app_stays_up(served, client):
         client.predict(**tiny(frames=10), api_name="/t2v")
     video, seed, _ = client.predict(**tiny(seed=3), api_name="/t2v")
     assert read_video(video).shape[0] == 9
+
+
+def write_gif(path: Path, frames: int, size: int = 32) -> Path:
+    """A GIF of `frames` frames (a moving gradient); one frame is a still."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    images = [Image.fromarray(((x * 8 + y * 4 + t * 20) % 256).astype("uint8")).convert("RGB") for t in range(frames)]
+    images[0].save(path, save_all=frames > 1, append_images=images[1:], duration=125, loop=0)
+    return path
+
+
+def test_a_non_image_upload_is_refused_naming_the_file_and_the_app_stays_up(served, client, tmp_path, sample_image):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    fake = tmp_path / "x.png"
+    fake.write_text("this is a text file, not a picture")
+    # gradio opens an image upload with Pillow before our function runs; what it cannot read is named, with
+    # what is allowed (it used to come back as gradio's "has not enabled verbose error reporting").
+    expected = r"image file 'x\.png' is not a readable image \(cannot identify image file.*\); use PNG, JPEG or WebP"
+    with pytest.raises(AppError, match=expected):
+        client.predict(**tiny(model="tiny-wan"), image=handle_file(str(fake)), api_name="/i2v")
+    # The plan preview does not judge the file (it does not change the plan): it still plans.
+    line, _ = client.predict(**tiny(model="tiny-wan"), image=handle_file(str(fake)), api_name="/plan_i2v")
+    assert line.startswith("**Plan:**")
+    video, seed, _ = client.predict(
+        **tiny(model="tiny-wan", seed=13), image=handle_file(str(sample_image)), api_name="/i2v"
+    )
+    check_result(served, "i2v", video, seed)
+
+
+@pytest.mark.parametrize("frames_in_gif, seed", [(9, 81), (1, 82)])
+def test_v2v_takes_an_animated_or_a_one_frame_gif(served, client, tmp_path, frames_in_gif, seed):
+    from gradio_client import handle_file
+
+    gif = write_gif(tmp_path / f"in{frames_in_gif}.gif", frames_in_gif)
+    video, used, info = client.predict(**tiny(seed=seed), video=handle_file(str(gif)), api_name="/v2v")
+    sidecar = check_result(served, "v2v", video, used)
+    kept = Path(sidecar["request"]["video"])
+    assert kept.suffix == ".gif" and kept.read_bytes() == gif.read_bytes()
+    still = "in1.gif' has a single frame (a still image); it is held for all 9 frames"
+    assert (still in info) == (frames_in_gif == 1), info
+
+
+def test_v2v_refuses_a_short_gif_and_files_that_are_not_videos(served, client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    short = write_gif(tmp_path / "short.gif", 5)
+    with pytest.raises(AppError, match=r"video file '.*short\.gif' has 5 frames, fewer than the 9 asked for"):
+        client.predict(**tiny(seed=83), video=handle_file(str(short)), api_name="/v2v")
+    text = tmp_path / "clip.mp4"
+    text.write_text("this is a text file, not a video")
+    with pytest.raises(AppError, match=r"video file '.*clip\.mp4' is not a readable video \(ffmpeg: .*; Pillow: .*\); use MP4"):
+        client.predict(**tiny(seed=84), video=handle_file(str(text)), api_name="/v2v")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video either")
+    with pytest.raises(AppError, match=r"video file 'notes\.txt' is not a readable video .*; use MP4, WebM, MOV, an animated GIF"):
+        client.predict(**tiny(seed=85), video=handle_file(str(notes)), api_name="/v2v")
+    assert outputs_for(served.outputs, "v2v", 83) == outputs_for(served.outputs, "v2v", 84) == []
 
 
 def test_uploads_over_the_cap_are_refused(served, client, tmp_path):
@@ -385,7 +449,7 @@ def test_plan_is_shown_before_generate_and_follows_the_settings(served, client):
     assert expected.summary.split(" of ")[0] in line
     assert expected.stages, "the planner predicts a peak per stage"
     for stage, peak in expected.stages.items():
-        row = rf"\| (\*\*)?{stage}(\*\*)?( \(peak\))? \|.*{re.escape(app.fmt_bytes(peak))}"
+        row = rf"\| (\*\*)?{stage}(\*\*)?( \(peak\))? \|.*{re.escape(fmt_bytes(peak))}"
         assert re.search(row, full), (stage, full)
     assert f"**{expected.peak_stage}** (peak)" in full
     assert full.count("\n- ") == len(expected.reasons)
@@ -448,3 +512,28 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
             fresh.predict(saved.name, api_name="/reuse")
     finally:
         again.ui.demo.close()
+
+
+def test_model_folders_under_models_dir_are_listed_and_generate(tmp_path, tiny_models):
+    import shutil
+
+    from gradio_client import Client
+
+    models = tmp_path / "models"
+    mine = models / "my-cogvideox"
+    shutil.copytree(tiny_models["tiny-cogvideox"] / "t2v", mine)  # a T2V folder: serves T2V and V2V, not I2V
+    assert str(mine) in {s.model for s in model_statuses("t2v", models)}
+    assert str(mine) not in {s.model for s in model_statuses("i2v", models)}
+    s = start(tmp_path / "outputs", models_dir=models)
+    try:
+        choices = {value for _, value in s.ui.task_tabs["t2v"].model.choices}
+        assert str(mine) in choices and str(mine) in {v for _, v in s.ui.task_tabs["v2v"].model.choices}
+        assert str(mine) not in {v for _, v in s.ui.task_tabs["i2v"].model.choices}
+        label = model_status(str(mine), "t2v").label
+        assert label == "my-cogvideox (local folder) · on this machine"
+        video, seed, info = Client(s.url, verbose=False).predict(**tiny(model=str(mine)), api_name="/t2v")
+        assert read_video(video).shape == (9, 32, 32, 3)
+        sidecar = json.loads((s.outputs / Path(video).name).with_suffix(".json").read_text())
+        assert sidecar["request"]["model"] == str(mine)
+    finally:
+        s.ui.demo.close()

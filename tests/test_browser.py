@@ -5,6 +5,7 @@ under test-artifacts/ (git-ignored) for people to look at.
 """
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +16,17 @@ import app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("FITVIDEO_CHROMIUM", "/usr/bin/chromium"))
+
+def _chromium_candidates() -> tuple[str | None, ...]:
+    """The browsers to try, in order. `./run.sh test` installs Debian's or Playwright's."""
+    chosen = os.environ.get("FITVIDEO_CHROMIUM")
+    if chosen:
+        return (chosen,)  # a browser someone chose is not quietly replaced by another
+    debian = [c for c in (shutil.which("chromium"), "/usr/bin/chromium") if c and Path(c).is_file()]
+    return (*dict.fromkeys(debian), None)  # None: Playwright's own build, launched without an executable path
+
+
+CHROMIUM_CANDIDATES = _chromium_candidates()
 ARTIFACTS = ROOT / "test-artifacts"
 TIMEOUT_MS = 120_000  # a tiny run is about a second; a busy 2-core CI machine gets headroom
 UI_TIMEOUT_MS = 15_000  # a tab switch or a panel update
@@ -34,15 +45,34 @@ def server(tmp_path_factory, tiny_models):
     ui.demo.close()
 
 
+def _launch(playwright):
+    """The first candidate browser that starts; the test fails (never skips) naming each tried when none does."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    errors = []
+    for path in CHROMIUM_CANDIDATES:
+        try:
+            return playwright.chromium.launch(
+                headless=True, args=["--no-sandbox"], **({"executable_path": path} if path else {})
+            )
+        except PlaywrightError as exc:
+            errors.append(f"{path or 'Playwright chromium'}: {str(exc).strip().splitlines()[0]}")
+    pytest.fail(
+        "no Chromium starts (" + "; ".join(errors) + "). Install one: `./run.sh test` does it; by hand, as root on "
+        "Debian `apt-get install -y chromium`, elsewhere `.venv/bin/python -m playwright install chromium`; "
+        "or point FITVIDEO_CHROMIUM at a Chromium binary",
+        pytrace=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def page(server):
-    # No skip: CI installs chromium (.ci/run); a missing browser is a failure, not a pass.
-    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install -y chromium (or set FITVIDEO_CHROMIUM)"
+    # No skip: a missing browser is a failure, not a pass.
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        browser = _launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(server[0])
@@ -157,3 +187,70 @@ def test_stop_button_ends_the_run_and_shows_where(page, server, monkeypatch):
     page.locator("#t2v-generate").click()
     wait_text(page, "t2v-info", "Saved")
     assert len(set(outputs.glob("*.mp4")) - before) == 1
+
+
+def toast(page, text: str):
+    """The toast (error / warning popup) that says `text`, once it shows."""
+    found = page.locator(".toast-body").filter(has_text=text).first
+    found.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    return found
+
+
+def write_gif(path: Path, frames: int, size: int = 32) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size]
+    images = [Image.fromarray(((x * 8 + y * 4 + t * 20) % 256).astype("uint8")).convert("RGB") for t in range(frames)]
+    images[0].save(path, save_all=frames > 1, append_images=images[1:], duration=125, loop=0)
+    return path
+
+
+def test_a_non_image_upload_shows_what_is_wrong_in_a_toast(page, server, tmp_path):
+    _, outputs, _ = server
+    fake = tmp_path / "x.png"
+    fake.write_text("this is a text file, not a picture")
+    open_tab(page, "I2V")
+    page.locator("#i2v-image input[type=file]").set_input_files(str(fake))
+    # The upload is checked as it arrives, and the page says at once what is wrong with it (before this was
+    # gradio's "...has not enabled verbose error reporting").
+    message = "image file 'x.png' is not a readable image (cannot identify image file 'x.png'); use PNG, JPEG or WebP"
+    found = toast(page, message)
+    assert "Error" in found.inner_text()
+    found.locator(".toast-close").click()
+    found.wait_for(state="detached", timeout=UI_TIMEOUT_MS)
+    # Generate says the same, and saves nothing.
+    before = set(outputs.glob("*_i2v_*.mp4"))
+    page.locator("#i2v-generate").click()
+    assert "Error" in toast(page, message).inner_text()
+    page.screenshot(path=str(ARTIFACTS / "browser_i2v_not_an_image.png"), full_page=True)
+    assert set(outputs.glob("*_i2v_*.mp4")) == before
+    # The app stays up: the page still plans (the Optimization tab's memory panel still refreshes).
+    open_tab(page, "Optimization")
+    wait_text(page, "memory-panel", "host RAM")
+
+
+def test_v2v_upload_takes_animated_and_one_frame_gifs(page, server, tmp_path):
+    _, outputs, _ = server
+    open_tab(page, "V2V")
+    upload = page.locator("#v2v-video input[type=file]")
+    accept = upload.get_attribute("accept") or ""
+    assert "video/*" in accept and "image/*" in accept, accept  # the file picker offers GIFs too
+    set_slider(page, "v2v-steps", 2)
+    for frames, name in ((9, "anim.gif"), (1, "still.gif")):
+        before = set(outputs.glob("[0-9]*_v2v_*.mp4"))  # finished videos, not the hidden partial one
+        upload.set_input_files(str(write_gif(tmp_path / name, frames)))
+        page.locator(f"#v2v-video td[aria-label='{name}']").wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+        page.locator("#v2v-generate").click()
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while not set(outputs.glob("[0-9]*_v2v_*.mp4")) - before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        [made] = set(outputs.glob("[0-9]*_v2v_*.mp4")) - before
+        wait_text(page, "v2v-info", made.name)
+        assert read_video(made).shape == (9, 32, 32, 3)
+        still = f"'{name}' has a single frame (a still image); it is held for all 9 frames"
+        assert (still in page.locator("#v2v-info").inner_text()) == (frames == 1)
+        if frames == 1:
+            assert "Warning" in toast(page, still).inner_text()
+        page.locator("#v2v-video").get_by_role("button", name="Clear").click()
+    page.screenshot(path=str(ARTIFACTS / "browser_v2v_gif.png"), full_page=True)

@@ -1,7 +1,9 @@
 """`python app.py generate ...`: a real subprocess, the file read back, exit 2 with one line on bad input."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,3 +80,117 @@ def test_unreadable_image_exits_2(tmp_path, capsys, tiny_models):
     assert code == 2
     assert "is not a readable image" in capsys.readouterr().err
     assert not (tmp_path / "o.mp4").exists()
+
+
+# --------------------------------------------------------------------------- --plan and the plan line
+
+
+GENERATE = ["generate", "--prompt", "a cat", "--frames", "9", "--height", "32", "--width", "32", "--steps", "2"]
+
+
+def test_generate_plan_prints_the_pages_plan_and_loads_nothing(tmp_path, capsys, monkeypatch, tiny_models):
+    from configs.schema import GenerationRequest, resolve_request
+    from pipeline_utils.cache import PipelineCache
+    from pipeline_utils.reports import fmt_bytes
+    from pipeline_utils.runner import Runner
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("--plan must not load a pipeline")
+
+    monkeypatch.setattr(PipelineCache, "get", no_load)
+    outputs = tmp_path / "outputs"
+    assert main([*GENERATE, "--offload", "model", "--plan", "--outputs-dir", str(outputs)]) == 0
+    out = capsys.readouterr().out
+    # The page's plan text for the same request (free memory moves between two calls: the budget words are
+    # left out of the comparison; rung, stages and their bytes are not).
+    req = resolve_request(GenerationRequest(model="tiny-cogvideox", task="t2v", prompt="a cat", frames=9, height=32,
+                                            width=32, steps=2, offload="model"))
+    plan = Runner(PipelineCache(), outputs_dir=outputs).plan(req)
+    assert out.startswith(f"**T2V · tiny-cogvideox** · 9 frames · 32x32 · 2 steps · runs on `{plan.device}`")
+    assert "offload `model`" in out and "offload model: as requested" in out
+    for stage, peak in plan.stages.items():
+        assert re.search(rf"\| (\*\*)?{stage}(\*\*)?( \(peak\))? \|.*{re.escape(fmt_bytes(peak))}", out), (stage, out)
+    assert f"**{plan.peak_stage}** (peak)" in out
+    assert out.count("\n- ") == len(plan.reasons)
+    assert not outputs.exists()  # nothing written either
+
+
+def test_generate_plan_refuses_bad_input_like_a_run(capsys, tiny_models):
+    assert main([*GENERATE, "--frames", "10", "--plan"]) == 2
+    assert "frames=10 is not allowed" in capsys.readouterr().err
+
+
+def test_a_run_logs_the_one_line_plan_first(tmp_path, caplog, tiny_models):
+    with caplog.at_level("INFO", logger="pipeline_utils.cli"):
+        assert main([*GENERATE, "--seed", "5", "--out", str(tmp_path / "o.mp4")]) == 0
+    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline_utils.cli" and "Plan:" in r.getMessage()]
+    assert line.startswith("**Plan:** ") and line.endswith("(app.py generate --plan shows the full plan)")
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["plan"]["summary"] in line
+
+
+# --------------------------------------------------------------------------- flags and fields: one conversion
+
+
+def test_generate_flags_become_the_same_request_as_the_pages_fields():
+    from configs.schema import DecodeSettings, GenerationRequest
+    from pipeline_utils.cli import build_parser, request_from_args
+    from pipeline_utils.fields import fields_from_request, request_from_fields
+
+    args = build_parser().parse_args([
+        "generate", "--model", "tiny-wan", "--task", "v2v", "--prompt", "a cat", "--negative-prompt", "blur",
+        "--frames", "17", "--height", "64", "--width", "48", "--fps", "12", "--steps", "3", "--guidance", "4.5",
+        "--preset", "fast", "--seed", "9", "--video", "in.gif", "--strength", "0.4", "--offload", "group", "--int8",
+        "--tile-x", "192", "--tile-stride-x", "96", "--no-vae-tiling", "--chunk-frames", "1",
+    ])
+    expected = GenerationRequest(
+        model="tiny-wan", task="v2v", prompt="a cat", negative_prompt="blur", frames=17, height=64, width=48, fps=12,
+        steps=3, guidance=4.5, preset="fast", seed=9, video="in.gif", strength=0.4, offload="group", quant="int8",
+        decode=DecodeSettings(enable_vae_tiling=False, tile_x=192, tile_stride_x=96, chunk_frames=1),
+    )
+    req = request_from_args(args)
+    assert req == expected
+    # The page's fields for it (API parameter names), and back: the same request but for the CLI-only chunking.
+    fields = fields_from_request(req)
+    assert fields["resolution"] == "64x48" and fields["vae_tiling"] is False and fields["quant"] == "int8"
+    assert set(fields) == {
+        "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "frames", "fps", "resolution",
+        "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x",
+        "tile_stride_y",
+    }
+    assert request_from_fields("v2v", fields) == expected.replace(decode=DecodeSettings(
+        enable_vae_tiling=False, tile_x=192, tile_stride_x=96))
+    # Left-out flags are the model's and the preset's defaults (None), as before.
+    bare = request_from_args(build_parser().parse_args(["generate", "--prompt", "a cat"]))
+    assert bare == GenerationRequest(model="tiny-cogvideox", task="t2v", prompt="a cat")
+
+
+def test_page_values_arrive_as_floats_and_pass_on_as_whole_numbers():
+    from configs.schema import DecodeSettings, RequestError
+    from pipeline_utils.fields import request_from_fields
+
+    values = {"model": "tiny-cogvideox", "prompt": "a cat", "seed": 3.0, "preset": "balanced", "steps": 2.0,
+              "guidance": 6, "frames": 9.0, "fps": 8.0, "resolution": "32x32", "offload": "auto", "quant": "none",
+              "vae_tiling": True, "tile_x": 256.0, "tile_y": 272, "tile_stride_x": 128.0, "tile_stride_y": 128}
+    req = request_from_fields("t2v", values, seed=77)
+    assert (req.seed, req.steps, req.frames, req.fps, req.height, req.width) == (77, 2, 9, 8, 32, 32)
+    assert type(req.steps) is int and type(req.guidance) is float and req.guidance == 6.0
+    assert req.decode == DecodeSettings(tile_x=256, tile_stride_x=128, tile_stride_y=128)
+    assert request_from_fields("t2v", {**values, "steps": 2.5}).steps == 2.5  # passed on for the check to name
+    with pytest.raises(RequestError, match=r"resolution='480' is not allowed; use HEIGHTxWIDTH such as 480x720"):
+        request_from_fields("t2v", {**values, "resolution": "480"})
+
+
+def test_decode_flags_left_out_keep_the_runs_settings():
+    from configs.schema import DecodeSettings
+    from pipeline_utils.cli import build_parser
+    from pipeline_utils.fields import decode_from_fields, decode_overrides
+
+    args = build_parser().parse_args(["decode", "--latents", "x.latents.pt", "--out", "y.mp4", "--tile-x", "192",
+                                      "--no-vae-tiling"])
+    assert decode_overrides(vars(args)) == {"tile_x": 192, "enable_vae_tiling": False}
+    base = DecodeSettings(tile_y=200, tile_stride_y=100, chunk_frames=2)
+    assert decode_from_fields(vars(args), base) == DecodeSettings(
+        enable_vae_tiling=False, tile_x=192, tile_y=200, tile_stride_y=100, chunk_frames=2)
+    bare = build_parser().parse_args(["decode", "--latents", "x.latents.pt", "--out", "y.mp4"])
+    assert decode_overrides(vars(bare)) == {} and decode_from_fields(vars(bare), base) == base

@@ -94,6 +94,88 @@ def test_bad_v2v_videos_name_the_file(runner, tmp_path, sample_video, kind, frag
     _next_run_works(runner, tmp_path)
 
 
+def _gif(path, colors, size=32):
+    """A GIF whose frame t has its left half colors[t] and its right half grey (exact palette colours, so the
+    frames read back are exact; after the first frame Pillow stores only the changed left half)."""
+    import numpy as np
+    from PIL import Image
+
+    frames = []
+    for color in colors:
+        a = np.full((size, size, 3), 128, dtype=np.uint8)
+        a[:, : size // 2] = color
+        frames.append(Image.fromarray(a))
+    frames[0].save(path, save_all=len(frames) > 1, append_images=frames[1:], duration=100, loop=0)
+    return path
+
+
+GIF_COLORS = [(25 * t, 255 - 25 * t, 40) for t in range(9)]
+
+
+def test_an_animated_gif_reads_frame_by_frame(tmp_path):
+    import numpy as np
+
+    from pipeline_utils.media import load_video
+
+    path = _gif(tmp_path / "anim.gif", GIF_COLORS)
+    frames = [np.asarray(im) for im in load_video(path, 9, 32, 32)]
+    assert len(frames) == 9 and all(f.shape == (32, 32, 3) for f in frames)
+    for t, f in enumerate(frames):
+        assert (f[:, :16] == GIF_COLORS[t]).all(), t
+        assert (f[:, 16:] == 128).all(), t  # the unchanged half is composed from the frames before
+    # Fewer frames asked than the GIF has: the first ones, resized to the size asked for.
+    first = load_video(path, 5, 64, 48)
+    assert len(first) == 5 and first[4].size == (64, 48)
+    assert tuple(np.asarray(first[4])[24, 8]) == GIF_COLORS[4]
+
+
+@pytest.mark.parametrize("kind", ["one-frame gif", "png"])
+def test_a_still_is_held_for_every_frame_with_a_warning(tmp_path, caplog, kind):
+    import numpy as np
+    from PIL import Image
+
+    from pipeline_utils.media import check_video, load_video, read_video
+
+    path = tmp_path / "still.gif"
+    if kind == "png":
+        path = tmp_path / "still.png"
+        Image.fromarray(np.full((32, 32, 3), (10, 200, 30), dtype=np.uint8)).save(path)
+    else:
+        _gif(path, [(10, 200, 30)])
+    with caplog.at_level("WARNING", logger="pipeline_utils.media"):
+        frames = load_video(path, 9, 32, 32)
+    assert len(frames) == 9
+    assert all((np.asarray(f)[:, :16] == (10, 200, 30)).all() for f in frames)
+    warning = f"video file {str(path)!r} has a single frame (a still image); it is held for all 9 frames"
+    assert [r.getMessage() for r in caplog.records] == [warning]
+    held, warnings = read_video(path, 5, 16, 16)  # for a caller that reports the warning itself
+    assert warnings == [warning.replace("all 9", "all 5")] and len(held) == 5 and held[0].size == (16, 16)
+    assert check_video(path, 9, name=path.name) == [warning.replace(str(path), path.name)]
+    assert check_video(path, 1) == [] and len(load_video(path, 1, 32, 32)) == 1
+
+
+def test_a_gif_shorter_than_asked_is_refused_and_a_broken_one_named(tmp_path):
+    from pipeline_utils.media import check_video, load_video
+
+    short = _gif(tmp_path / "short.gif", GIF_COLORS[:5])
+    for read in (lambda: load_video(short, 9, 32, 32), lambda: check_video(short, 9)):
+        with pytest.raises(RequestError, match=r"short\.gif' has 5 frames, fewer than the 9 asked for"):
+            read()
+    broken = tmp_path / "broken.gif"
+    broken.write_bytes(b"GIF89a-broken")
+    with pytest.raises(RequestError) as info:
+        load_video(broken, 9, 32, 32)
+    message = str(info.value)
+    assert message.startswith(f"video file {str(broken)!r} is not a readable video (ffmpeg: ")
+    assert "; Pillow: cannot identify image file" in message and message.endswith("use MP4, WebM, MOV, an animated GIF, or a still image (held for every frame)")
+
+
+def test_a_one_frame_gif_runs_v2v_held_for_every_frame(runner, tmp_path):
+    path = _gif(tmp_path / "still.gif", [(10, 200, 30)])
+    result = runner.generate(_request(task="v2v", video=str(path)), out_path=tmp_path / "still.mp4")
+    assert read_video(result.video_path).shape == (9, 32, 32, 3)
+
+
 @pytest.mark.parametrize("content, fragment", [(b"", "is empty (0 bytes)"), (b"GIF89a-broken", "is not a readable image")])
 def test_bad_i2v_images_name_the_file(runner, tmp_path, content, fragment):
     path = tmp_path / "bad.png"
@@ -189,3 +271,17 @@ def test_absurd_size_is_refused_by_the_planner_before_anything_loads(runner, tmp
         runner.generate(big, out_path=tmp_path / "big.mp4")
     assert runner.cache.loads == loads and list(tmp_path.iterdir()) == []
     _next_run_works(runner, tmp_path)
+
+
+def test_a_v2v_run_from_a_still_says_so_in_its_result_and_sidecar(runner, tmp_path):
+    import json
+
+    from configs.schema import GenerationRequest
+
+    still = _gif(tmp_path / "still.gif", [(10, 200, 30)])
+    result = runner.generate(GenerationRequest(model="tiny-wan", task="v2v", prompt="a cat", video=str(still),
+                                               frames=9, height=32, width=32, steps=2))
+    warning = f"video file {str(still)!r} has a single frame (a still image); it is held for all 9 frames"
+    assert warning in result.warnings
+    assert warning in json.loads(result.sidecar_path.read_text())["warnings"]
+    assert read_video(result.video_path).shape == (9, 32, 32, 3)
