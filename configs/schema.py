@@ -24,12 +24,17 @@ Offload = Literal["none", "model", "group", "sequential"]
 OffloadChoice = Literal["auto", "none", "model", "group", "sequential"]
 Quant = Literal["none", "int8", "fp8", "fp8-storage"]
 PresetName = Literal["fast", "balanced", "quality"]
+# Ways to fit host RAM, fastest first: everything in RAM at the model's dtype; the text encoder run first and
+# freed; one expert of a two-expert model in RAM at a time; transformer weights stored in RAM at fp8; the
+# transformer's weights streamed from disk.
+HostRung = Literal["ram", "text-encoder-first", "one-expert", "low-precision", "disk"]
 DType = Literal["float32", "float16", "bfloat16"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 QUANTS: tuple[str, ...] = get_args(Quant)
 PRESETS: tuple[str, ...] = get_args(PresetName)
+HOST_RUNGS: tuple[str, ...] = get_args(HostRung)
 
 SEED_MAX = 2**32 - 1
 MAX_SIDE_PX = 4096
@@ -69,6 +74,14 @@ class ModelSpec:
     config: dict[str, dict] = field(default_factory=dict)
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
     folder: str | None = None  # a local diffusers folder (configs/local.py), not a registry entry
+    # Two-expert models (Wan 2.2 A14B): the high-noise expert (`transformer`) runs while the timestep is at or
+    # above boundary_ratio * num_train_timesteps, the low-noise one (`transformer_2`) below.
+    boundary_ratio: float | None = None
+
+    @property
+    def experts(self) -> int:
+        """Transformers that take turns over the schedule: 2 for Wan 2.2 A14B (`transformer_2` counted), else 1."""
+        return 2 if "transformer_2" in self.params else 1
 
     @property
     def family_module(self) -> ModelFamily:
@@ -139,6 +152,7 @@ class GenerationRequest:
     offload: OffloadChoice = "auto"
     quant: Quant = "none"
     decode: DecodeSettings = DecodeSettings()
+    guidance_2: float | None = None  # two-expert models: guidance of the low-noise expert (None: the same as guidance)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -176,6 +190,15 @@ class Plan:
     suggested_frames: int | None = None  # the largest frame count that fits, when the request does not
     suggested_model: str | None = None  # a smaller registry model that fits, when the request does not
     refused: str = ""  # set when even the lowest rung needs more than the device has in all: the run is refused
+    # Host RAM, the second budget (issue "Fit the whole computer"). The host rung the planner chose, fastest
+    # first (vram_utils/ladder.py HOST_RUNGS), and what it means for the run, as flags the runner and
+    # vram_utils.apply_plan read (they never interpret the rung's name):
+    host_rung: HostRung = "ram"
+    release_text_encoder: bool = False  # encode the prompt first, free the text encoder before the transformer loads
+    experts_in_ram: int = 0  # two-expert models: experts resident in RAM at once (1: load the second at the switch)
+    disk_offload: bool = False  # transformer weights streamed from disk (group offload to $FITVIDEO_HOME/offload)
+    host_stages: dict[str, int] = field(default_factory=dict)  # stage -> predicted peak host RAM bytes
+    host_budget_bytes: int = 0  # available host RAM the plan was fitted into (margin already taken off)
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)
@@ -214,6 +237,7 @@ def _model_from_yaml(model_id: str, raw: dict) -> ModelSpec:
         shared_weights=dict(raw.get("shared_weights") or {}),
         tiny=bool(raw.get("tiny", False)),
         config={c: dict(v) for c, v in (raw.get("config") or {}).items()},
+        boundary_ratio=float(raw["boundary_ratio"]) if raw.get("boundary_ratio") is not None else None,
         parts={c: {k: int(n) for k, n in v.items()} for c, v in (raw.get("parts") or {}).items()},
     )
 
