@@ -22,6 +22,8 @@ setup() {
     # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt -r requirements-dev.txt
+    # Upscalers (postprocess/): spandrel without its torchvision dependency (see constraints.txt).
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "spandrel==0.4.2"
     echo "$want" > "$STAMP"
   fi
 }

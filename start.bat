@@ -29,6 +29,7 @@ if errorlevel 1 (
   echo [fitvideo] installing torch 2.13.0 ^(CUDA build^) and the requirements; the first run downloads a few GB
   "%VENV%\Scripts\python.exe" -m pip install --disable-pip-version-check "torch==2.13.0" --index-url %TORCH_INDEX% || goto :fail
   "%VENV%\Scripts\python.exe" -m pip install --disable-pip-version-check -c constraints.txt -r requirements.txt || goto :fail
+  "%VENV%\Scripts\python.exe" -m pip install --disable-pip-version-check --no-deps "spandrel==0.4.2" || goto :fail
   copy /y requirements.txt "%VENV%\.installed" >nul
 )
 
