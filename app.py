@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # gradio is imported lazily: the CLI subcommands never load i
     from pipeline_utils.catalog import ModelStatus
     from pipeline_utils.runner import ProgressEvent, Runner
 
-CLI_COMMANDS = ("generate", "decode")
+CLI_COMMANDS = ("generate", "decode", "upscale", "interpolate")
 logger = logging.getLogger("fitvideo")
 
 GPU_QUEUE = "gpu"  # one concurrency group for everything that touches the models: one run at a time
@@ -211,8 +211,23 @@ def check_input(task: str, payload: Any, frames: int) -> list[str]:
     return check_video(path, frames, name=name)
 
 
-def with_upload_paths(values: dict[str, Any]) -> dict[str, Any]:
-    return {**values, **{n: upload_path(values[n]) for n in UPLOADS if n in values}}
+def with_upload_paths(values: dict[str, Any], task: str = "t2v") -> dict[str, Any]:
+    """The page's values as request fields: uploads as paths, and no second guidance for a model with one
+    transformer (its hidden slider still sends a value)."""
+    values = {**values, **{n: upload_path(values[n]) for n in UPLOADS if n in values}}
+    if values.get("guidance_2") is not None and not two_experts(values.get("model"), task):
+        values["guidance_2"] = None
+    return values
+
+
+def two_experts(model: Any, task: Any) -> bool:
+    """Whether the (model, task) pipeline runs two experts (Wan 2.2 A14B t2v / i2v): the second guidance applies."""
+    from configs.schema import RequestError, get_model_spec, task_experts
+
+    try:
+        return task_experts(get_model_spec(str(model)), str(task)) == 2
+    except (RequestError, OSError, ValueError):  # an unknown model: resolve_request names it
+        return False
 
 
 def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tuple[GenerationRequest, Plan]":
@@ -224,7 +239,8 @@ def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tupl
     from configs.schema import resolve_request
     from pipeline_utils.fields import request_from_fields, whole
 
-    req = request_from_fields(task, with_upload_paths(values), seed=0 if whole(values.get("seed")) == -1 else None)
+    seed = 0 if whole(values.get("seed")) == -1 else None
+    req = request_from_fields(task, with_upload_paths(values, task), seed=seed)
     req = resolve_request(req, check_files=False)
     return req, ctx.runner.plan(req)
 
@@ -260,6 +276,9 @@ class TaskTab:
     result: "gr.Video"
     used_seed: "gr.Number"
     info: "gr.Markdown"
+    guidance_2: "gr.Slider | None" = None  # the low-noise expert's guidance: shown for two-expert models only
+    upscale: "gr.Radio | None" = None  # finishing steps after the decode (0 off, 2, 4)
+    interpolate: "gr.Radio | None" = None
 
     def fields(self) -> dict[str, Any]:
         """API parameter name -> component, for the request fields this tab owns (in pipeline_utils.fields' order)."""
@@ -298,6 +317,8 @@ class GalleryPanel:
     details: "gr.Markdown"
     reuse: "gr.Button"
     refresh: "gr.Button"
+    upscale: "gr.Button | None" = None  # finishing steps on the picked result
+    interpolate: "gr.Button | None" = None
 
 
 @dataclass
@@ -328,6 +349,22 @@ def render_inputs(task: str) -> "tuple[gr.Image | None, gr.File | None]":
             file_types=["video", "image"], file_count="single", elem_id="v2v-video",
         )
     return image, video
+
+
+def render_sampling(task: str, model: str, preset) -> "tuple[gr.Slider, gr.Slider, gr.Slider]":
+    """Steps and guidance in one row, with the low-noise expert's guidance shown for two-expert models
+    (Wan 2.2 A14B t2v / i2v) only."""
+    import gradio as gr
+
+    with gr.Row():
+        steps = gr.Slider(1, 100, value=preset.steps, step=1, label="Steps", elem_id=f"{task}-steps")
+        guidance = gr.Slider(0.0, 20.0, value=preset.guidance, step=0.5, label="Guidance")
+        guidance_2 = gr.Slider(
+            0.0, 20.0, value=preset.guidance, step=0.5, label="Guidance, low-noise expert",
+            elem_id=f"{task}-guidance-2", info="Wan 2.2 A14B: the second expert's guidance",
+            visible=two_experts(model, task),
+        )
+    return steps, guidance, guidance_2
 
 
 def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
@@ -363,9 +400,7 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                     preset_radio = gr.Radio(
                         list(PRESETS), value=preset.name, label="Motion preset", info="fills steps and guidance"
                     )
-                with gr.Row():
-                    steps = gr.Slider(1, 100, value=preset.steps, step=1, label="Steps", elem_id=f"{task}-steps")
-                    guidance = gr.Slider(0.0, 20.0, value=preset.guidance, step=0.5, label="Guidance")
+                steps, guidance, guidance_2 = render_sampling(task, model, preset)
                 with gr.Row():
                     frames = gr.Slider(
                         1, spec.max_frames, value=spec.default_frames, step=spec.frame_step, label="Frames",
@@ -374,6 +409,7 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                     fps = gr.Slider(1, 60, value=spec.fps, step=1, label="FPS")
                 resolutions = resolutions_for(model, task)
                 resolution = gr.Dropdown(resolutions, value=resolutions[0], label="Resolution (height x width)")
+                upscale, interpolate = render_finishing(task)
                 plan = gr.Markdown(label="Plan", elem_id=f"{task}-plan", elem_classes=["fv-plan"])
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
@@ -387,8 +423,24 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                 info = gr.Markdown(label="Info", elem_id=f"{task}-info")
     return TaskTab(
         task, tab, model_dd, note, prompt, negative, image, video, strength, seed, preset_radio, steps, guidance,
-        frames, fps, resolution, plan, generate, stop, result, used_seed, info,
+        frames, fps, resolution, plan, generate, stop, result, used_seed, info, guidance_2=guidance_2,
+        upscale=upscale, interpolate=interpolate,
     )
+
+
+FINISH_CHOICES = [("off", 0), ("x2", 2), ("x4", 4)]
+
+
+def render_finishing(task: str) -> "tuple[gr.Radio, gr.Radio]":
+    """Finishing steps under the generation settings; the video without them is kept too."""
+    import gradio as gr
+
+    with gr.Row():
+        upscale = gr.Radio(FINISH_CHOICES, value=0, label="Finish: upscale", elem_id=f"{task}-upscale",
+                           info="Real-ESRGAN when its weights are here, else Lanczos (no model)")
+        interpolate = gr.Radio(FINISH_CHOICES, value=0, label="Finish: interpolate", elem_id=f"{task}-interpolate",
+                               info="ffmpeg minterpolate (no model): N frames -> (N-1) x factor + 1")
+    return upscale, interpolate
 
 
 def render_optimization(ctx: AppContext) -> OptimizationPanel:
@@ -447,15 +499,18 @@ def render_gallery() -> GalleryPanel:
         pick = gr.Dropdown([], label="Result", scale=3, elem_id="gallery-pick")
         reuse = gr.Button("Reuse settings", variant="primary", scale=1)
         refresh = gr.Button("Refresh", scale=1)
+    with gr.Row():
+        upscale = gr.Button("Upscale ×2", scale=1, elem_id="gallery-upscale")
+        interpolate = gr.Button("Interpolate ×2", scale=1, elem_id="gallery-interpolate")
     details = gr.Markdown(label="Details", elem_id="gallery-details")
-    return GalleryPanel(gallery, pick, details, reuse, refresh)
+    return GalleryPanel(gallery, pick, details, reuse, refresh, upscale, interpolate)
 
 
 # =========================================================================== event handlers
 
 
 # Where the bar stands for stages that report no step count.
-STAGE_FRACTION = {"loading": 0.0, "encoding": 0.05, "decoding": 0.9, "saving": 0.98, "done": 1.0}
+STAGE_FRACTION = {"loading": 0.0, "encoding": 0.05, "decoding": 0.9, "saving": 0.98, "finishing": 0.99, "done": 1.0}
 
 
 def _progress_to_gradio(progress, event: "ProgressEvent") -> None:
@@ -463,7 +518,7 @@ def _progress_to_gradio(progress, event: "ProgressEvent") -> None:
     if event.eta_s is not None:
         desc += f" · ETA {event.eta_s:.0f} s"
     if event.total:
-        unit = "steps" if event.stage == "denoising" else "chunks"
+        unit = {"denoising": "steps", "finishing": "frames"}.get(event.stage, "chunks")
         progress((event.step, event.total), desc=desc, unit=unit)
     else:
         progress(STAGE_FRACTION.get(event.stage, 0.0), desc=desc)
@@ -479,7 +534,7 @@ def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tupl
     from pipeline_utils.fields import pick_seed, request_from_fields
     from pipeline_utils.media import persist_input
 
-    req = resolve_request(request_from_fields(task, with_upload_paths(values), pick_seed(values.get("seed"))))
+    req = resolve_request(request_from_fields(task, with_upload_paths(values, task), pick_seed(values.get("seed"))))
     notes = check_input(task, values.get("image") or values.get("video"), req.frames)
     kept = {name: persist_input(getattr(req, name), ctx.outputs_dir) for name in UPLOADS}
     return req.replace(**{name: path for name, path in kept.items() if path}), notes
@@ -530,8 +585,12 @@ def make_generate(ctx: AppContext, task: str):
             raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from None
         finally:
             ctx.jobs.finish(key, job)
-        # the runner's warnings (the input notes among them) are in the result and its sidecar
-        return str(result.video_path), result.request.seed, result_markdown(result, ctx.outputs_dir)
+        # the notes name the upload as the person knows it; the runner's own copy names the kept file
+        finished = "".join(f"\n\n{f['step']} x{f['factor']} with {f['method']}: {f['frames_out']} frames, "
+                           f"{f['size_out'][0]}x{f['size_out'][1]} at {f['fps_out']:g} fps -> **{Path(f['video']).name}**"
+                           for f in result.finishing)
+        markdown = result_markdown(result, ctx.outputs_dir, tuple(notes)) + finished
+        return str(result.final_path), result.request.seed, markdown
 
     generate.__name__ = f"generate_{task}"
     return generate
@@ -657,6 +716,8 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
         **hidden,
     )
     tab.model.change(lambda m: model_status(m, tab.task).note, tab.model, tab.model_note, **hidden)
+    # The second guidance shows for two-expert models only (.change: also when "reuse settings" sets the model).
+    tab.model.change(lambda m: gr.Slider(visible=two_experts(m, tab.task)), tab.model, tab.guidance_2, **hidden)
     tab.preset.input(fill_preset, tab.preset, [tab.steps, tab.guidance], **hidden)
     # Events that take an upload get it unprocessed: check_input reads it and names what is wrong with it.
     upload = tab.image if tab.image is not None else tab.video
@@ -792,6 +853,39 @@ def listen_gallery(app: FitVideoApp) -> None:
     for tab in app.task_tabs.values():
         outputs += list(tab.fields().values())
     g.reuse.click(make_reuse(app), g.pick, outputs, api_name="reuse", queue=False)
+    for button, step in ((g.upscale, "upscale"), (g.interpolate, "interpolate")):
+        button.click(make_finish(app, step), g.pick, [g.details], api_name=f"{step}_result",
+                     concurrency_id=GPU_QUEUE, concurrency_limit=1).success(refresh, None, [g.gallery, g.pick], **hidden)
+
+
+def make_finish(app: FitVideoApp, step: str):
+    """Gallery buttons: a finishing step (x2) on the picked result, in the GPU queue; the new video gets its
+    own sidecar and shows in the gallery."""
+    import gradio as gr
+
+    from configs.schema import RequestError
+    from pipeline_utils.finishing import FinishStep, run_step
+    from pipeline_utils.results import find_result
+
+    ctx = app.ctx
+
+    def finish(name: str | None, progress=gr.Progress()) -> str:
+        result = find_result(ctx.outputs_dir, name)
+        if result is None:
+            raise gr.Error(f"no saved result named {name!r} in {ctx.outputs_dir}; pick one from the gallery")
+        try:
+            done = run_step(result.video, FinishStep(step, 2), ctx.runner.cache,
+                            lambda i, n, message: progress((i, n), desc=message, unit="frames"))
+        except RequestError as exc:  # e.g. a 1-frame video for interpolation: named, and the app stays up
+            raise gr.Error(str(exc)) from None
+        except Exception as exc:
+            logger.exception("%s of %s failed", step, name)
+            raise gr.Error(f"{step} failed: {type(exc).__name__}: {exc}") from None
+        notes = "".join(f"\n- {n}" for n in done.notes)
+        return f"**{Path(done.video).name}**: {done.summary()}{notes}"
+
+    finish.__name__ = f"{step}_result"
+    return finish
 
 
 def make_reuse(app: FitVideoApp):
@@ -814,6 +908,8 @@ def make_reuse(app: FitVideoApp):
         components = {**app.optimization.fields(), **tab.fields()}
         dependent = ("model", "frames", "resolution", "image", "video")  # set below, when they still apply
         updates = {c: values[n] for n, c in components.items() if n not in dependent}
+        if values.get("guidance_2") is None:  # one transformer: the hidden slider keeps its value
+            updates.pop(tab.guidance_2, None)
         updates.update({app.tabs: gr.Tabs(selected=req.task), app.active_task: req.task})
         if req.model in offered_models(req.task, ctx.models_dir):  # a model still offered for the task
             spec = get_model_spec(req.model)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
-COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")  # the ones the planner counts
+COMPONENTS = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")  # the ones the planner counts
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
 
@@ -128,7 +128,8 @@ def spec_from_folder(model: str) -> ModelSpec:
 @functools.lru_cache(maxsize=32)
 def _spec(folder_str: str, model: str, _mtime: int) -> ModelSpec:
     folder = Path(folder_str)
-    class_name = _read_json(folder / "model_index.json").get("_class_name", "")
+    index = _read_json(folder / "model_index.json")
+    class_name = index.get("_class_name", "")
     family = folder_family(folder)
     configs = {c: _read_json(folder / c / "config.json") for c in COMPONENTS if (folder / c).is_dir()}
     configs["tokenizer"] = _read_json(folder / "tokenizer" / "tokenizer_config.json")
@@ -145,7 +146,8 @@ def _spec(folder_str: str, model: str, _mtime: int) -> ModelSpec:
     logger.debug("local model %s: %s %s, tasks %s", folder, family.name, class_name, ", ".join(tasks))
     return ModelSpec(
         id=model, family=family.name, label=f"{folder.name} (local folder)", default_dtype=dtype or "bfloat16",
-        params=params, tasks=tasks, config=configs, parts=parts, folder=folder_str, **defaults,
+        params=params, tasks=tasks, config=configs, parts=parts, folder=folder_str,
+        boundary_ratio=index.get("boundary_ratio"), **defaults,  # a two-expert pipeline saves its boundary
     )
 
 

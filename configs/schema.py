@@ -153,6 +153,8 @@ class GenerationRequest:
     quant: Quant = "none"
     decode: DecodeSettings = DecodeSettings()
     guidance_2: float | None = None  # two-expert models: guidance of the low-noise expert (None: the same as guidance)
+    upscale: int = 0  # finishing step after the decode: 0 off, 2 / 4 (postprocess/; the un-finished video is kept)
+    interpolate: int = 0  # finishing step after upscale: 0 off, 2 / 4 (N frames -> (N-1) x factor + 1)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -312,6 +314,7 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
         raise RequestError(f"steps={steps!r} is not allowed; use a whole number from 1 to 1000")
     guidance = preset.guidance if req.guidance is None else req.guidance
     _check_number("guidance", guidance, 0.0, 100.0, "use a number from 0 to 100")
+    guidance_2 = _guidance_2(req, spec, guidance)
     _check_number("seed", req.seed, 0, SEED_MAX, f"use 0 to {SEED_MAX} (-1 for random in the UI)")
     if not isinstance(req.seed, int):
         raise RequestError(f"seed={req.seed!r} is not allowed; use a whole number from 0 to {SEED_MAX}")
@@ -322,9 +325,42 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
     # 4. The inputs the task needs.
     _check_inputs(req, check_files)
     check_decode(req.decode)
+    check_finishing(req)
     return req.replace(
-        prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance)
+        prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance),
+        guidance_2=guidance_2,
     )
+
+
+FINISH_FACTORS = (0, 2, 4)  # 0 = the finishing step is off
+
+
+def check_finishing(req: GenerationRequest) -> None:
+    """The finishing steps' factors (postprocess/ checks the rest when it runs)."""
+    for name in ("upscale", "interpolate"):
+        value = getattr(req, name)
+        if isinstance(value, bool) or value not in FINISH_FACTORS:
+            raise RequestError(f"{name}={value!r} is not allowed; use 0 (off), 2 or 4")
+
+
+def task_experts(spec: ModelSpec, task: str) -> int:
+    """Experts the (model, task) pipeline runs: 2 for a two-expert model's T2V and I2V; its V2V pipeline
+    (diffusers' WanVideoToVideoPipeline has no `transformer_2`) runs the high-noise expert alone."""
+    return 2 if spec.experts == 2 and task in ("t2v", "i2v") else 1
+
+
+def _guidance_2(req: GenerationRequest, spec: ModelSpec, guidance: float) -> float | None:
+    """The low-noise expert's guidance: only two-expert pipelines have one; None there means `guidance`."""
+    if task_experts(spec, req.task) < 2:
+        if req.guidance_2 is not None:
+            raise RequestError(
+                f"guidance_2={req.guidance_2!r} is not allowed for {req.model} {req.task}: it runs one transformer; "
+                "a second guidance is for two-expert models (Wan 2.2 A14B t2v / i2v). Leave it out and use guidance"
+            )
+        return None
+    guidance_2 = guidance if req.guidance_2 is None else req.guidance_2
+    _check_number("guidance_2", guidance_2, 0.0, 100.0, "use a number from 0 to 100")
+    return float(guidance_2)
 
 
 def _check_task(req: GenerationRequest, spec: ModelSpec) -> None:

@@ -119,6 +119,9 @@ class ModelArch:
     vae: VaeArch
     image_encoder_params: int = 0
     note: str = ""
+    # Transformers that take turns over the schedule with the same architecture: 2 for Wan 2.2 A14B
+    # (`transformer` high noise, `transformer_2` low noise; `transformer` is the arch of each), else 1.
+    experts: int = 1
 
 
 def text_encoder_arch(cfg: dict, parts: dict[str, int], seq_len: int) -> TextEncoderArch:
@@ -168,6 +171,7 @@ class ModelFamily:
             text_encoder=text_encoder_arch(configs["text_encoder"], parts["text_encoder"], self.text_seq_len(configs)),
             vae=self.vae_arch(configs["vae"], parts["vae"]),
             image_encoder_params=image_encoder_params,
+            experts=2 if "transformer_2" in parts else 1,
         )
 
     def transformer_arch(self, cfg: dict, parts: dict[str, int]) -> TransformerArch:

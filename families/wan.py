@@ -2,6 +2,10 @@
 
 - Pipelines: WanPipeline (t2v), WanImageToVideoPipeline (i2v, with a CLIP image encoder for 2.1 I2V),
   WanVideoToVideoPipeline (v2v).
+- Wan 2.2 A14B: the same pipelines with two experts, `transformer` (high noise) and `transformer_2` (low
+  noise), each a Wan 14B transformer, switching at `boundary_ratio` x 1000 timesteps (T2V 0.875, I2V 0.9).
+  One family, not a module of their own: only the expert count differs, and `ModelFamily.arch` reads it from
+  the parameter counts (`ModelArch.experts`: 2 where models.yaml lists `transformer_2`).
 - Frames: 4k+1.
 - Text: a UMT5-XXL encoder reading at most 512 tokens (the tokenizer's `model_max_length` where smaller); the
   transformer cross-attends to it, and cond / uncond run one after the other (no batch of 2).
@@ -44,7 +48,7 @@ class Wan(ModelFamily):
     vae_class = "AutoencoderKLWan"
     frame_step = 4
     own_decode_chunk = 1
-    block_prefixes = {"transformer": "blocks.", "text_encoder": "encoder.block."}
+    block_prefixes = {"transformer": "blocks.", "transformer_2": "blocks.", "text_encoder": "encoder.block."}
     default_fps = 16
     default_frames = 81
     max_frames = 81

@@ -5,6 +5,11 @@ pipeline already holds with the same weights (same weight key, dtype and quant)
 are passed to `load_shared_pipeline` instead of being loaded again: V2V from a
 cached T2V adds no weights; I2V reuses the VAE and text encoder. Evicting a
 pipeline frees only what no other cached pipeline still uses.
+
+MAX_CACHE_SIZE is not the only limit: host RAM is the other. Before a load, the bytes the new pipeline will
+add (its components' parameters at the load dtype, less what it shares or leaves out) are compared with the
+RAM available now less the planner's host margin; while they would overflow it, the least recently used
+pipelines whose weights this load will not share are evicted first.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -20,6 +26,7 @@ import pipeline_utils
 from configs.schema import get_model_spec, load_registry
 from pipeline_utils.loaders import load_shared_pipeline, resolve_dtype
 from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
+from vram_utils.planner import HOST_MARGIN_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,7 @@ class CacheEntry:
     weight_keys: dict[str, str]  # component name -> weight identity
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    freed: set[str] = field(default_factory=set)  # components a run freed (or left out): the next get reloads them
 
 
 def weight_key(model: str, task: str, component: str, dtype: torch.dtype, quant: str) -> str:
@@ -54,9 +62,12 @@ def weight_key(model: str, task: str, component: str, dtype: torch.dtype, quant:
 class PipelineCache:
     """Thread-safe LRU of loaded pipelines. Nothing loads until `get` is called."""
 
-    def __init__(self, max_size: int | None = None, dtype: str | None = None):
+    def __init__(self, max_size: int | None = None, dtype: str | None = None,
+                 available_bytes: Callable[[], int] | None = None):
         self.max_size = max(1, int(max_size if max_size is not None else pipeline_utils.MAX_CACHE_SIZE))
         self.dtype = dtype
+        # host RAM available now (psutil by default; tests inject a small machine)
+        self.available_bytes = available_bytes or _host_available_bytes
         self.loads = 0  # how many pipelines were loaded from disk (a hit adds nothing)
         self._entries: collections.OrderedDict[CacheKey, CacheEntry] = collections.OrderedDict()
         self._lock = threading.RLock()
@@ -141,7 +152,10 @@ class PipelineCache:
         return sum(wk in e.weight_keys.values() for e in self._entries.values())
 
     # ------------------------------------------------------------------ loading
-    def get(self, model: str, task: str, quant: str = "none"):
+    def get(self, model: str, task: str, quant: str = "none", without: tuple[str, ...] = ()):
+        """The (model, task, quant) pipeline. `without`: components left out (freed if held, not loaded: the
+        text encoder after the prompt is encoded, one expert of two); any other component a run freed before is
+        loaded again, so the cache stays coherent for the next run."""
         key: CacheKey = (model, task, quant)
         with self._lock:
             entry = self._entries.get(key)
@@ -149,10 +163,12 @@ class PipelineCache:
                 self._entries.move_to_end(key)
                 entry.last_used = time.time()
                 logger.debug("cache hit %s", key)
-                return entry.pipe
+                return self._refit(entry, without)
             torch_dtype = resolve_dtype(self.dtype, get_model_spec(model))
             wanted = {c: weight_key(model, task, c, torch_dtype, quant) for c in SHAREABLE}
             shared = self._find_shared(wanted)
+            shared.update(dict.fromkeys(without))  # None: from_pretrained leaves the component out
+            self._make_room(model, shared, torch_dtype, set(wanted.values()))
             pipe = load_shared_pipeline(model, task, shared, torch_dtype)
             self.loads += 1
             if quant != "none":
@@ -163,9 +179,59 @@ class PipelineCache:
                     if module is not None and comp not in shared:
                         quant_mod.apply(module, quant)
             present = {c: wk for c, wk in wanted.items() if getattr(pipe, c, None) is not None}
-            self._entries[key] = CacheEntry(key, pipe, present)
+            self._entries[key] = CacheEntry(key, pipe, present, freed=set(without))
             self._evict_over_limit()
             return pipe
+
+    # ------------------------------------------------------------------ components freed during a run
+    def _refit(self, entry: CacheEntry, without: tuple[str, ...]) -> object:
+        """Free the components in `without`, then load again those a run freed before (and not in `without`)."""
+        for comp in without:
+            if comp in entry.weight_keys:
+                self._free_component(comp, entry.weight_keys[comp])
+        for comp in sorted(entry.freed - set(without)):
+            self._load_component(entry, comp)
+        return entry.pipe
+
+    def _free_component(self, comp: str, wk: str) -> None:
+        """Drop a component from every cached pipeline holding these weights, so that its memory goes now.
+        Its parameters move to the meta device: a caller may still hold the module object for a moment (the
+        denoise loop keeps its `current_model` until the next step), the weights' memory goes all the same."""
+        from vram_utils.offload import remove_all_offload
+
+        module = None
+        for entry in self._entries.values():
+            if entry.weight_keys.get(comp) == wk:
+                module = getattr(entry.pipe, comp)
+                remove_all_offload(entry.pipe)  # model offload's hook chain holds every component
+                entry.pipe.register_modules(**{comp: None})
+                del entry.weight_keys[comp]
+                entry.freed.add(comp)
+        if isinstance(module, torch.nn.Module):
+            freed_bytes = module_bytes(module)
+            module.to("meta")
+            logger.info("freed %s (%.1f MiB)", comp, freed_bytes / 2**20)
+        del module
+        release_memory()
+
+    def _load_component(self, entry: CacheEntry, comp: str) -> None:
+        """Load one freed component again (or share it from another cached pipeline) into `entry`'s pipeline."""
+        from pipeline_utils.loaders import load_component
+
+        model, task, quant = entry.key
+        torch_dtype = resolve_dtype(self.dtype, get_model_spec(model))
+        wk = weight_key(model, task, comp, torch_dtype, quant)
+        module = self._find_shared({comp: wk}).get(comp)
+        if module is None:
+            module = load_component(model, task, comp, torch_dtype)
+            self.loads += 1
+            if quant != "none" and comp in QUANTIZED:
+                import quant as quant_mod
+
+                quant_mod.apply(module, quant)
+        entry.pipe.register_modules(**{comp: module})
+        entry.weight_keys[comp] = wk
+        entry.freed.discard(comp)
 
     def _find_shared(self, wanted: dict[str, str]) -> dict[str, object]:
         shared = {}
@@ -176,6 +242,27 @@ class PipelineCache:
         return shared
 
     # ------------------------------------------------------------------ eviction
+    def load_bytes(self, model: str, skip, torch_dtype: torch.dtype) -> int:
+        """Host bytes a load of `model` adds: its components' parameters at `torch_dtype` (the registry's or the
+        folder's counts), less the components in `skip` (shared with a cached pipeline, or left out)."""
+        itemsize = torch.empty((), dtype=torch_dtype).element_size()
+        params = get_model_spec(model).params
+        return sum(n * itemsize for comp, n in params.items() if comp not in skip)
+
+    def _make_room(self, model: str, skip, torch_dtype: torch.dtype, wanted: set[str]) -> None:
+        """Evict least recently used pipelines that share no weights with this load while the load would
+        overflow the RAM available now (less the planner's host margin)."""
+        need = self.load_bytes(model, skip, torch_dtype)
+        while need > self.available_bytes() - HOST_MARGIN_BYTES:
+            victim = next((k for k, e in self._entries.items() if not wanted & set(e.weight_keys.values())), None)
+            if victim is None:
+                logger.warning("loading %s needs %.1f GiB of RAM; %.1f GiB is available and nothing cached can go",
+                               model, need / 2**30, self.available_bytes() / 2**30)
+                return
+            logger.info("evicting %s: loading %s needs %.1f GiB of RAM, %.1f GiB is available", victim, model,
+                        need / 2**30, self.available_bytes() / 2**30)
+            self._drop(victim)
+
     def _evict_over_limit(self) -> None:
         while len(self._entries) > self.max_size:
             oldest = next(iter(self._entries))
@@ -210,6 +297,22 @@ class PipelineCache:
         with self._lock:
             return sum(self._drop(k) for k in list(self._entries))
 
+    def get_loaded(self, key: CacheKey, load: Callable[[], object], weight_keys: dict[str, str]) -> object:
+        """A member that is not a diffusers pipeline (an upscaler): loaded by `load()` on a miss, then held,
+        counted and evicted like any pipeline. It exposes its modules as `components`; `weight_keys` maps
+        each component name to its weight identity (a different identity never shares)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                entry.last_used = time.time()
+                return entry.pipe
+            obj = load()
+            self.loads += 1
+            self._entries[key] = CacheEntry(key, obj, dict(weight_keys))
+            self._evict_over_limit()
+            return obj
+
 
 def _remove_hooks(pipe, still_used: list) -> None:
     """Offload hooks hold references to modules (model offload chains each hook to the previous
@@ -218,3 +321,9 @@ def _remove_hooks(pipe, still_used: list) -> None:
     from vram_utils.offload import detach_pipeline
 
     detach_pipeline(pipe, still_used)
+
+
+def _host_available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="FitVideo headless commands")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one video")
-    g.add_argument("--model", default="tiny-cogvideox", help="registry id, local folder, or tiny-cogvideox / tiny-wan")
+    g.add_argument("--model", default="tiny-cogvideox", help="registry id, local folder, or tiny-cogvideox / tiny-wan / tiny-wan-moe")
     g.add_argument("--task", choices=TASKS, default="t2v")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the preset's)")
+    g.add_argument("--guidance-2", type=float, default=None,
+                   help="two-expert models (Wan 2.2 A14B): guidance of the low-noise expert (default: --guidance)")
     g.add_argument("--preset", choices=PRESETS, default="balanced", help="motion preset")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--image", default=None, help="input image (i2v)")
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-cache-size", type=int, default=None)
     g.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
     g.add_argument("--plan", action="store_true", help="print the memory plan for this request and exit (loads nothing)")
+    g.add_argument("--upscale", type=int, default=0, help="finishing step: upscale the result x2 / x4 (0 = off)")
+    g.add_argument("--interpolate", type=int, default=0, help="finishing step: interpolate x2 / x4 (0 = off)")
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
     d.add_argument("--latents", required=True, help="the <video>.latents.pt a run saved before decoding")
@@ -100,7 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=get_args(DType), default=None, help="VAE precision")
     d.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     d.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_finishing_parsers(sub)
     return parser
+
+
+def add_finishing_parsers(sub) -> None:
+    """`upscale` and `interpolate`: finishing steps on any video, streamed frame by frame (postprocess/)."""
+    u = sub.add_parser("upscale", help="upscale a video x2 / x4 (Real-ESRGAN when its weights are here, else Lanczos)")
+    u.add_argument("--video", required=True, help="input video")
+    u.add_argument("--scale", type=int, default=2, help="2 or 4")
+    u.add_argument("--method", default="auto", help="auto (learned when its weights are here, else Lanczos), "
+                   "realesrgan (fetch the weights if needed), lanczos (no model)")
+    u.add_argument("--weights", default=None, help="an ESRGAN-family model file (.pth / .safetensors) to use")
+    u.add_argument("--tile", type=int, default=None, help="largest tile in output pixels (0 = whole frames; default 512)")
+    u.add_argument("--out", default=None, help="output mp4 (default: <video>_up<scale>.mp4)")
+    u.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    i = sub.add_parser("interpolate", help="interpolate a video x2 / x4: N frames -> (N-1) x factor + 1 at factor x fps")
+    i.add_argument("--video", required=True, help="input video")
+    i.add_argument("--factor", type=int, default=2, help="2 or 4")
+    i.add_argument("--method", default="auto", help="auto / minterpolate (ffmpeg motion-compensated, no model)")
+    i.add_argument("--out", default=None, help="output mp4 (default: <video>_int<factor>.mp4)")
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
@@ -123,6 +146,8 @@ def run_generate(args: argparse.Namespace) -> int:
     logger.info("%s", plan_line(plan, details="app.py generate --plan shows the full plan"))
     result = runner.generate(req, out_path=args.out)
     print(result.video_path)
+    for finished in result.finishing:  # finishing steps' videos, in order; the last is the finished one
+        print(finished["video"])
     logger.info("%d frames in %.1f s; sidecar %s", result.frames, result.timings["total_s"], result.sidecar_path)
     return 0
 
@@ -142,6 +167,24 @@ def run_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finishing(args: argparse.Namespace) -> int:
+    """`upscale` / `interpolate`: one finishing step; prints the output path, logs which method it used."""
+    from pathlib import Path
+
+    from pipeline_utils.finishing import FinishStep, check_steps, run_step
+
+    step = (FinishStep("upscale", args.scale, args.method, args.weights) if args.command == "upscale"
+            else FinishStep("interpolate", args.factor, args.method))
+    check_steps([step])
+    result = run_step(Path(args.video), step, out=args.out, tile_px=getattr(args, "tile", None))
+    print(result.video)
+    print(f"method: {result.method}", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    logger.info("%s (%.3f s per frame)", result.summary(), result.per_frame_s)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -153,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "decode":
             return run_decode(args)
+        if args.command in ("upscale", "interpolate"):
+            return run_finishing(args)
         parser.error(f"unknown command {args.command!r}")
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)

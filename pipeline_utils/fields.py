@@ -15,7 +15,8 @@ from configs.schema import SEED_MAX, DecodeSettings, GenerationRequest, RequestE
 
 REQUEST_FIELDS = (
     "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "frames", "fps", "resolution",
-    "image", "video", "strength",
+    "image", "video", "strength", "guidance_2",  # last: API clients that pass fields by position keep working
+    "upscale", "interpolate",  # finishing steps (0 off, 2, 4), after every older field for the same reason
 )
 # Flat field -> DecodeSettings field. `chunk_frames` is a CLI flag only; the page does not offer it.
 DECODE_FIELDS = {
@@ -86,9 +87,11 @@ def request_from_fields(task: str, fields: Mapping[str, Any], seed: int | None =
     return GenerationRequest(
         model=get("model"), task=task, prompt=get("prompt"), negative_prompt=get("negative_prompt"),
         frames=whole(get("frames")), height=height, width=width, fps=whole(get("fps")), steps=whole(get("steps")),
-        guidance=_real(get("guidance")), preset=get("preset"), seed=whole(get("seed")) if seed is None else seed,
+        guidance=_real(get("guidance")), guidance_2=_real(get("guidance_2")), preset=get("preset"),
+        seed=whole(get("seed")) if seed is None else seed,
         image=fields.get("image") or None, video=fields.get("video") or None, strength=_real(get("strength")),
         offload=get("offload"), quant=get("quant"), decode=decode_from_fields(fields),
+        upscale=whole(get("upscale")), interpolate=whole(get("interpolate")),
     )
 
 
@@ -97,8 +100,10 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
     d = req.decode
     return {
         "model": req.model, "prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
-        "preset": req.preset, "steps": req.steps, "guidance": req.guidance, "frames": req.frames, "fps": req.fps,
+        "preset": req.preset, "steps": req.steps, "guidance": req.guidance, "guidance_2": req.guidance_2,
+        "frames": req.frames, "fps": req.fps,
         "resolution": format_resolution(req.height, req.width), "image": req.image, "video": req.video,
         "strength": req.strength, "offload": req.offload, "quant": req.quant, "vae_tiling": d.enable_vae_tiling,
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
+        "upscale": req.upscale, "interpolate": req.interpolate,
     }

@@ -125,6 +125,39 @@ def load_shared_pipeline(
     return pipe
 
 
+def component_classes(model: str, task: str) -> dict[str, tuple[str, str]]:
+    """Component -> (library, class) for the components the (model, task) folder holds (model_index.json)."""
+    import json
+
+    source = resolve_source(model, task)
+    if source.folder is None:
+        raise _unavailable(model, source.repo, get_model_spec(model), "its pipeline folder is not downloaded")
+    index = json.loads((source.folder / "model_index.json").read_text(encoding="utf-8"))
+    return {
+        name: (value[0], value[1]) for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] and value[1]
+    }
+
+
+def load_component(model: str, task: str, component: str, dtype: str | torch.dtype | None = None):
+    """One component of the (model, task) pipeline from its subfolder, e.g. Wan 2.2's low-noise expert
+    (`WanTransformer3DModel.from_pretrained(folder, subfolder="transformer_2")`) or a released text encoder."""
+    import importlib
+
+    classes = component_classes(model, task)
+    if component not in classes:
+        raise ValueError(f"component={component!r} is not in {model} {task}; it has: {', '.join(sorted(classes))}")
+    library, class_name = classes[component]
+    cls = getattr(importlib.import_module(library), class_name)
+    folder = str(resolve_source(model, task).folder)
+    torch_dtype = resolve_dtype(dtype, get_model_spec(model))
+    logger.info("loading %s of %s %s (%s)", component, model, task, class_name)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):  # a tokenizer, an image processor
+        return cls.from_pretrained(folder, subfolder=component)
+    dtype_kw = "dtype" if library == "transformers" else "torch_dtype"  # transformers 5 renamed it
+    return cls.from_pretrained(folder, subfolder=component, **{dtype_kw: torch_dtype})
+
+
 def load_pipeline(model: str, task: str = "t2v", dtype: str | torch.dtype | None = None):
     """Load a pipeline for `task` ('t2v', 'i2v', 'v2v') from a hub id, a local folder or a tiny name."""
     return load_shared_pipeline(model, task, None, dtype)

@@ -25,33 +25,43 @@ def fmt_bytes(n: int | float | None) -> str:
     return f"{n:.1f} GiB"
 
 
+def _host_rung_text(plan: "Plan") -> str:
+    """The host-RAM rung and what it does, e.g. "`one-expert` (text encoder first, 1 expert in RAM)"."""
+    does = [("text encoder first" if plan.release_text_encoder else ""),
+            (f"{plan.experts_in_ram} expert{'s' if plan.experts_in_ram > 1 else ''} in RAM" if plan.experts_in_ram else ""),
+            ("weights from disk" if plan.disk_offload else "")]
+    does = [d for d in does if d]
+    return f"`{getattr(plan, 'host_rung', 'ram')}`" + (f" ({', '.join(does)})" if does else "")
+
+
 def plan_markdown(req: "GenerationRequest", plan: "Plan") -> str:
-    """The pre-flight plan: rung, precision, decode, predicted peaks per stage, and why."""
+    """The pre-flight plan: rungs (GPU and host RAM), precision, decode, both budgets, peaks per stage, and why."""
     on_gpu = plan.device.startswith("cuda")
     d = plan.decode
     tiling = "off"
     if d.enable_vae_tiling:
         tiling = f"on ({d.tile_x}x{d.tile_y} px tiles, stride {d.tile_stride_x}x{d.tile_stride_y})"
-    budget_on = "GPU" if on_gpu else "host RAM"
     verdict = "fits" if plan.fits else "**does not fit**"
+    host_budget = plan.host_budget_bytes or (plan.budget_bytes if not on_gpu else 0)
+    gpu = (f"GPU {fmt_bytes(plan.predicted_peak_gpu_bytes)} of {fmt_bytes(plan.budget_bytes)}" if on_gpu
+           else "GPU - (no GPU used)")
     lines = [
         f"**{req.task.upper()} · {req.model}** · {req.frames} frames · {req.height}x{req.width} · "
         f"{req.steps} steps · runs on `{plan.device}`",
         "",
-        f"**Rung:** offload `{plan.offload}` · precision `{plan.quant}` · VAE tiling {tiling}",
+        f"**Rung:** offload `{plan.offload}` · host RAM {_host_rung_text(plan)} · precision `{plan.quant}` · "
+        f"VAE tiling {tiling}",
         "",
-        f"**Predicted peak:** GPU {fmt_bytes(plan.predicted_peak_gpu_bytes) if on_gpu else '- (no GPU used)'} · "
-        f"RAM {fmt_bytes(plan.predicted_peak_host_bytes)} · {verdict} in {fmt_bytes(plan.budget_bytes)} of "
-        f"{budget_on} (after the safety margin)",
+        f"**Predicted peak:** {gpu} · RAM {fmt_bytes(plan.predicted_peak_host_bytes)} of {fmt_bytes(host_budget)} · "
+        f"{verdict} (budgets: free memory after the safety margins)",
     ]
     if plan.stages:
         lines += ["", "| stage | predicted peak GPU | predicted peak RAM |", "|---|---|---|"]
         for stage, peak in plan.stages.items():
-            # GPU backend: stages are GPU peaks, host RAM holds the weights throughout; CPU: stages are RAM peaks.
-            host = fmt_bytes(plan.predicted_peak_host_bytes)
-            gpu, ram = (fmt_bytes(peak), host) if on_gpu else ("-", fmt_bytes(peak))
+            # GPU backend: `stages` are GPU peaks and `host_stages` RAM peaks; CPU: `stages` are RAM peaks.
+            host = plan.host_stages.get(stage, plan.predicted_peak_host_bytes) if on_gpu else peak
             name = f"**{stage}** (peak)" if stage == plan.peak_stage else stage
-            lines.append(f"| {name} | {gpu} | {ram} |")
+            lines.append(f"| {name} | {fmt_bytes(peak) if on_gpu else '-'} | {fmt_bytes(host)} |")
     if plan.reasons:
         lines += ["", "**Why:**"] + [f"- {reason}" for reason in plan.reasons]
     return "\n".join(lines)
@@ -139,8 +149,19 @@ def result_markdown(result: "RunResult", outputs_dir: Path, extra_warnings: tupl
         f"plan: {result.plan.summary}",
     ]
     lines += [f"- out of memory while {s['stage']}: retried with {s['change']}" for s in result.step_downs]
-    lines += [f"- warning: {w}" for w in (*extra_warnings, *result.warnings)]
+    lines += [f"- warning: {w}" for w in (*extra_warnings, *_not_said(result.warnings, extra_warnings))]
     return "\n".join(lines)
+
+
+def _not_said(warnings: list[str], said: tuple[str, ...]) -> list[str]:
+    """The run's warnings that the caller's notes do not already give. An input note says the same as the
+    runner's about the same file, which the caller names as uploaded and the runner as kept
+    (outputs/inputs/<hash>): compare what follows the quoted file name."""
+    def gist(w: str) -> str:
+        return w.split("' ", 1)[-1]
+
+    told = {gist(w) for w in said}
+    return [w for w in warnings if gist(w) not in told]
 
 
 def result_details(result: "PastResult") -> str:

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SIDECAR_VERSION = 2  # 1: no "version" key (written before it existed); 2: "version" and "kind" added
 LATENTS_FORMAT = 1
 GALLERY_LIMIT = 60  # newest results shown; older ones stay on disk
-SidecarKind = Literal["generate", "decode"]
+SidecarKind = Literal["generate", "decode", "upscale", "interpolate"]  # the last two: finishing steps
 
 
 LATENTS_SUFFIX = ".latents.pt"
@@ -78,9 +78,11 @@ class Sidecar:
     warnings: list[str] = field(default_factory=list)
     step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
     quant: dict | None = None  # what quantization did
+    experts: dict | None = None  # two-expert models: boundary_ratio, switch_step (first low-noise step), guidances
     versions: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     version: int = SIDECAR_VERSION
+    finishing: list[dict] = field(default_factory=list)  # finishing steps (postprocess.FinishResult.to_dict())
 
     @property
     def predicted(self) -> dict[str, int]:
@@ -107,8 +109,10 @@ class Sidecar:
             "step_downs": list(self.step_downs),
             "decode": self.decode,
             "quant": self.quant,
+            "experts": self.experts,
             "versions": dict(self.versions),
             "created": self.created,
+            "finishing": list(self.finishing),
         }
 
     @classmethod
@@ -141,9 +145,11 @@ class Sidecar:
             warnings=list(data.get("warnings") or []),
             step_downs=list(data.get("step_downs") or []),
             quant=data.get("quant"),
+            experts=data.get("experts"),
             versions=dict(data.get("versions") or {}),
             created=str(data.get("created", "?")),
             version=version,
+            finishing=list(data.get("finishing") or []),
         )
 
     def write(self, path: str | Path) -> Path:

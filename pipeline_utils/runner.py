@@ -25,7 +25,9 @@ import torch
 import decode
 import quant
 import vram_utils
-from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request
+from configs.schema import (
+    GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request, task_experts,
+)
 from families import get_family
 from pipeline_utils.cache import PipelineCache
 from pipeline_utils.media import load_image, read_video
@@ -37,7 +39,7 @@ from vram_utils.sentinel import LeakReport, LeakSentinel
 
 logger = logging.getLogger(__name__)
 
-Stage = Literal["loading", "encoding", "denoising", "decoding", "saving", "done"]
+Stage = Literal["loading", "encoding", "denoising", "decoding", "saving", "finishing", "done"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,13 @@ class RunResult:
     step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
     quant: dict | None = None  # what quantization did (bytes before/after, fallback reason)
     decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
+    experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
+    finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
+
+    @property
+    def final_path(self) -> Path:
+        """The finished video: the last finishing step's output, else the decoded video."""
+        return Path(self.finishing[-1]["video"]) if self.finishing else self.video_path
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,9 @@ class Run:
     latents: torch.Tensor | None = None  # (B, C, F, H, W) in VAE space once denoised: the last safe point
     stream: decode.StreamingDecode | None = None  # the decode under way (or the one that just failed)
     stats: decode.DecodeStats | None = None  # the finished decode's
+    # The text encoder run first and freed (plan.release_text_encoder): the prompt's embeddings, kept for retries.
+    embeds: dict = field(default_factory=dict)
+    switch_step: int | None = None  # two-expert models: index of the first low-noise denoising step
 
     def check_stop(self) -> None:
         _check_stop(self.stop)
@@ -146,7 +158,8 @@ class Runner:
         info = device if device is not None else vram_utils.probe()
         device_type = "cuda" if info.cuda and info.gpus else "cpu"
         resident = self.cache.resident_bytes(request.model, request.task, request.quant, device_type)
-        return vram_utils.plan(request, spec, info, resident_bytes=resident)
+        resident_host = self.cache.resident_bytes(request.model, request.task, request.quant, "cpu")  # RAM budget
+        return vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
 
     def generate(
         self,
@@ -220,7 +233,7 @@ class Runner:
         run.stage = "loading"
         run.emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
         t0 = time.perf_counter()
-        run.pipe = self.cache.get(req.model, req.task, req.quant)
+        run.pipe = self._load(run)
         run.timings.setdefault("load_s", time.perf_counter() - t0)
 
         # 4. Apply the plan (idempotent: a step-down re-applies it).
@@ -322,6 +335,10 @@ class Runner:
         )
         if req.task == "i2v":
             kwargs["num_frames"] = req.frames
+        if run.embeds:  # the text encoder went first and is freed (plan.release_text_encoder)
+            kwargs.update(prompt=None, negative_prompt=None, **run.embeds)
+        if boundary_timestep(run.pipe) is not None:  # two experts: the low-noise one's guidance
+            kwargs["guidance_scale_2"] = req.guidance_2
         with torch.inference_mode():
             latents = run.pipe(**kwargs).frames
         run.timings["denoise_s"] = time.perf_counter() - t0
@@ -331,8 +348,9 @@ class Runner:
         """The pipeline's per-step callback: progress with an ETA, the test hook, the stop flag."""
         total = run.request.steps
         loop_started = 0.0
+        boundary = boundary_timestep(run.pipe)  # two experts: t >= boundary is the high-noise expert's step
 
-        def on_step_end(_pipe, i, _t, callback_kwargs):
+        def on_step_end(pipe, i, t, callback_kwargs):
             nonlocal loop_started
             now = time.perf_counter()
             if i == 0:
@@ -340,12 +358,49 @@ class Runner:
             done = i + 1
             eta = (now - loop_started) / i * (total - done) if i > 0 else None
             run.stage = "denoising"
-            run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}", eta))
+            expert = "" if boundary is None else " · high-noise expert" if t >= boundary else " · low-noise expert"
+            if expert == " · low-noise expert" and run.switch_step is None:
+                run.switch_step = i
+            run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}{expert}", eta))
             self._fault("denoising", done)
             run.check_stop()
+            if boundary is not None and run.plan.experts_in_ram == 1:
+                self._next_expert(run, pipe, i, boundary)
             return callback_kwargs
 
         return on_step_end
+
+    def _load(self, run: Run):
+        """Step 3 with the plan's host-RAM flags. `release_text_encoder`: the pipeline without its transformers
+        encodes the prompt, then the text encoder is freed before they load. `experts_in_ram == 1`: only the
+        high-noise expert loads; the low-noise one replaces it at the switch (`_next_expert`)."""
+        req, plan = run.request, run.plan
+        key = (req.model, req.task, req.quant)
+        experts = expert_names(run.spec, req.task)
+        later = experts[1:] if plan.experts_in_ram == 1 else ()
+        if not plan.release_text_encoder or run.embeds or run.latents is not None:
+            return self.cache.get(*key, without=later)
+        pipe = self.cache.get(*key, without=experts)
+        vram_utils.apply_plan(pipe, plan)
+        run.emit(ProgressEvent("encoding", message="encoding prompt (then the text encoder is freed)"))
+        # the text length from the model's configs: a CogVideoX pipeline reads it from the transformer, not loaded yet
+        run.embeds = encode_prompt(pipe, req, get_family(run.spec.family).text_seq_len(run.spec.config))
+        return self.cache.get(*key, without=("text_encoder", *later))
+
+    def _next_expert(self, run: Run, pipe, i: int, boundary: float) -> None:
+        """One expert in RAM: after the last high-noise step, free the high-noise expert (the cache drops it, its
+        memory goes first) and load the low-noise one; the loop reads `pipe.transformer_2` at its next step."""
+        timesteps = pipe.scheduler.timesteps
+        if pipe.transformer_2 is not None or i + 1 >= len(timesteps) or timesteps[i + 1] >= boundary:
+            return
+        req = run.request
+        run.emit(ProgressEvent("denoising", i + 1, req.steps, "switching experts: freeing the high-noise expert, "
+                               "loading the low-noise one"))
+        with torch.inference_mode(False):  # weights loaded here are kept past this run: no inference tensors
+            loaded = self.cache.get(req.model, req.task, req.quant, without=("transformer",))
+        if loaded is not pipe:  # the cache let go of this pipeline mid-run (unloaded): hand the expert over
+            pipe.register_modules(transformer=None, transformer_2=loaded.transformer_2)
+        vram_utils.apply_plan(pipe, run.plan)  # the new expert joins the offload rung
 
     def _decode(self, run: Run) -> decode.DecodeStats:
         def on_chunk(j, m):
@@ -367,7 +422,8 @@ class Runner:
         stats, paths = run.stats, run.paths
         run.timings["decode_s"] = stats.seconds
         run.timings["total_s"] = time.perf_counter() - run.started
-        quant_result = quant.last_result(run.pipe.transformer)
+        expert = run.pipe.transformer if run.pipe.transformer is not None else getattr(run.pipe, "transformer_2", None)
+        quant_result = quant.last_result(expert)
         if quant_result is not None and quant_result.reason:
             run.warn(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
 
@@ -377,10 +433,42 @@ class Runner:
         # The runner's rungs (and those of failed decodes), then the decode's own of the attempt that finished.
         result.step_downs = [s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]]
         result.decode = stats.to_dict()
+        result.experts = experts_record(run)
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         write_sidecar(result)
-        run.emit(ProgressEvent("done", message=str(paths.video)))
+        # 9. Finishing steps (upscale, interpolate): new files beside the video, which is kept as it is.
+        if self._finishing(run, result):
+            write_sidecar(result)
+        run.emit(ProgressEvent("done", message=str(result.final_path)))
         return result
+
+    def _finishing(self, run: Run, result: RunResult) -> bool:
+        """The request's finishing steps on the finished video; a failed step is a warning (the video stays).
+        Stop ends them within one frame. The upscaler is held in the pipeline cache like a pipeline."""
+        from pipeline_utils.finishing import run_step, steps_from_request
+
+        current = result.video_path
+        for step in steps_from_request(run.request):
+            run.stage = "finishing"
+
+            def on_frame(i: int, n: int, message: str) -> None:
+                run.emit(ProgressEvent("finishing", i, n, message))
+                run.check_stop()
+
+            try:
+                done = run_step(current, step, self.cache, on_frame)
+            except Cancelled:
+                raise
+            except Exception as exc:  # the decoded video is safe on disk: say what failed and keep it
+                logger.exception("%s failed", step.step)
+                run.warn(f"{step.step} x{step.factor} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"the video without it is {current.name}")
+                break
+            result.finishing.append(done.to_dict())
+            for note in done.notes:
+                run.warn(note)
+            current = Path(done.video)
+        return bool(result.finishing) or bool(steps_from_request(run.request))
 
 
 def _safe_emitter(on_progress: Callable[[ProgressEvent], None] | None) -> Callable[[ProgressEvent], None]:
@@ -429,6 +517,40 @@ def max_sequence_length(pipe, family: str) -> int:
     return get_family(family).max_sequence_length(pipe)
 
 
+def boundary_timestep(pipe) -> float | None:
+    """Two-expert pipelines (Wan 2.2 A14B): the timestep at and above which the high-noise expert runs, as the
+    pipeline computes it (boundary_ratio * num_train_timesteps); None for one transformer."""
+    ratio = pipe.config.get("boundary_ratio") if "transformer_2" in pipe.config else None
+    return None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+
+
+def expert_names(spec: ModelSpec, task: str) -> tuple[str, ...]:
+    """The transformers of a (model, task) pipeline, in the order they run."""
+    return ("transformer", "transformer_2") if task_experts(spec, task) == 2 else ("transformer",)
+
+
+def experts_record(run: Run) -> dict | None:
+    """What the sidecar says about the two experts: the boundary, the first low-noise step, both guidances."""
+    if run.pipe is None or boundary_timestep(run.pipe) is None:
+        return None
+    req = run.request
+    return {
+        "boundary_ratio": run.pipe.config["boundary_ratio"], "switch_step": run.switch_step,
+        "guidance": req.guidance, "guidance_2": req.guidance if req.guidance_2 is None else req.guidance_2,
+        "experts_in_ram": run.plan.experts_in_ram or 2,
+    }
+
+
+def encode_prompt(pipe, req: GenerationRequest, max_length: int) -> dict:
+    """The prompt's (and the negative prompt's) embeddings, as the pipeline itself makes them."""
+    with torch.inference_mode():
+        embeds, negative = pipe.encode_prompt(
+            prompt=req.prompt, negative_prompt=req.negative_prompt or None, do_classifier_free_guidance=True,
+            max_sequence_length=max_length, device=pipe._execution_device,
+        )
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+
 def _check_stop(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
         raise Cancelled("stopped by request")
@@ -473,5 +595,7 @@ def write_sidecar(result: RunResult) -> Path:
         warnings=result.warnings,
         step_downs=result.step_downs,
         quant=result.quant,
+        experts=result.experts,
         versions=versions(),
+        finishing=result.finishing,
     ).write(result.sidecar_path)

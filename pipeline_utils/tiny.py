@@ -9,6 +9,11 @@ so the real loading path is what runs. The same seed builds the same weights.
 Layout on disk: <home>/tiny/v<TINY_VERSION>/<name>/<t2v|i2v>/ (a diffusers pipeline folder).
 T2V and V2V share the t2v folder; the i2v folder holds the same VAE and text
 encoder weights (so sharing them across tasks is truthful) and its own transformer.
+
+tiny-wan-moe is Wan 2.2 A14B in miniature: two experts, `transformer` (high noise) and `transformer_2` (low
+noise, other random weights), switching at `boundary_ratio` 0.875; its I2V, like Wan 2.2 I2V A14B, has no
+image encoder (the image reaches the transformer only through the VAE latents: in_channels 36, no image_dim).
+Its VAE and text encoder are built exactly as tiny-wan's (same seed, same order), so their weights are equal.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 TINY_VERSION = 2
 TINY_SEED = 0
-TINY_NAMES = ("tiny-cogvideox", "tiny-wan")
+TINY_NAMES = ("tiny-cogvideox", "tiny-wan", "tiny-wan-moe")
 TEXT_DIM = 32
 COGVIDEOX_TEXT_LEN = 16  # pipeline max_sequence_length must equal transformer max_text_seq_length
 WAN_TEXT_LEN = 32
@@ -187,7 +192,43 @@ def _build_wan() -> dict[str, object]:
     }
 
 
-_BUILDERS = {"tiny-cogvideox": _build_cogvideox, "tiny-wan": _build_wan}
+TINY_MOE_BOUNDARY = 0.875  # Wan 2.2 T2V A14B's; the real I2V A14B switches at 0.9
+
+
+def _build_wan_moe() -> dict[str, object]:
+    """Wan 2.2 A14B in miniature: tiny-wan's VAE, text encoder and transformer shape, two experts per task."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(TINY_SEED)  # the same draws as _build_wan up to the VAE: equal weights
+    tokenizer = make_tokenizer(WAN_TEXT_LEN)
+    text_encoder = UMT5EncoderModel(_t5_config(UMT5Config, len(tokenizer)))
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    common = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, out_channels=16, text_dim=TEXT_DIM,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    # Each expert its own random draw: the high-noise and low-noise experts differ, as in the real model.
+    high, low = (WanTransformer3DModel(in_channels=16, **common) for _ in range(2))
+    high_i2v, low_i2v = (WanTransformer3DModel(in_channels=36, **common) for _ in range(2))  # noise+image+mask
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    shared = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                  boundary_ratio=TINY_MOE_BOUNDARY)
+    return {
+        "t2v": WanPipeline(transformer=high, transformer_2=low, **shared),
+        "i2v": WanImageToVideoPipeline(
+            transformer=high_i2v, transformer_2=low_i2v, image_encoder=None, image_processor=None, **shared
+        ),
+    }
+
+
+_BUILDERS = {"tiny-cogvideox": _build_cogvideox, "tiny-wan": _build_wan, "tiny-wan-moe": _build_wan_moe}
 
 
 def build_tiny_pipelines(name: str) -> dict[str, object]:

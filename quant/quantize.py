@@ -259,10 +259,16 @@ def _apply_fp8_storage(module: torch.nn.Module, options: QuantOptions) -> int:
 
 
 def _floating_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype most of the module's floating-point weights are in (its compute dtype). Not the first
+    parameter's: a Wan transformer loaded in bf16 keeps `scale_shift_table` in float32, and computing the
+    cast-back layers in float32 against bf16 activations fails ("mat1 and mat2 must have the same dtype")."""
+    counts: dict[torch.dtype, int] = {}
     for p in module.parameters():
         if p.is_floating_point():
-            return p.dtype
-    raise RequestError(f"{type(module).__name__} has no floating-point weights to store in fp8")
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        raise RequestError(f"{type(module).__name__} has no floating-point weights to store in fp8")
+    return max(counts, key=counts.get)
 
 
 @contextlib.contextmanager

@@ -253,6 +253,38 @@ def test_v2v_end_to_end(served, client, sample_video):
     assert sidecar["request"]["strength"] == 0.5
 
 
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_two_expert_model_end_to_end_with_its_second_guidance(served, client, sample_image, task):
+    from gradio_client import handle_file
+
+    image = {"image": handle_file(str(sample_image))} if task == "i2v" else {}
+    video, seed, _ = client.predict(
+        **tiny(model="tiny-wan-moe", steps=4, guidance=5.0, guidance_2=2.5, seed=31), **image, api_name=f"/{task}"
+    )
+    assert seed == 31
+    sidecar = check_result(served, task, video, seed)
+    assert sidecar["request"]["guidance_2"] == 2.5
+    # tiny-wan-moe at 4 steps: timesteps 999, 900 | 750, 500 around the boundary 875
+    assert sidecar["experts"]["switch_step"] == 2 and sidecar["experts"]["guidance_2"] == 2.5
+    # a one-transformer model ignores the page's hidden second-guidance slider
+    video, seed, _ = client.predict(**tiny(seed=32 if task == "t2v" else 33), guidance_2=2.5, api_name="/t2v")
+    assert check_result(served, "t2v", video, seed)["request"]["guidance_2"] is None
+
+
+def test_second_guidance_slider_shows_for_two_expert_pipelines_only(served):
+    assert app.two_experts("tiny-wan-moe", "t2v") and app.two_experts("tiny-wan-moe", "i2v")
+    assert not app.two_experts("tiny-wan", "t2v") and not app.two_experts("tiny-cogvideox", "i2v")
+    assert not app.two_experts("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "v2v")  # diffusers' V2V has one transformer
+    assert not app.two_experts("no-such-model", "t2v")
+    tabs = served.ui.task_tabs
+    assert {task: tab.guidance_2.visible for task, tab in tabs.items()} == {
+        task: app.two_experts(tab.model.value, task) for task, tab in tabs.items()}
+    # the page's hidden slider value does not reach a one-transformer model's request
+    values = {"model": "tiny-wan", "guidance_2": 4.0}
+    assert app.with_upload_paths(values, "t2v")["guidance_2"] is None
+    assert app.with_upload_paths({**values, "model": "tiny-wan-moe"}, "t2v")["guidance_2"] == 4.0
+
+
 def test_bad_input_names_the_value_and_the_app_stays_up(served, client):
     from gradio_client.exceptions import AppError
 
@@ -505,7 +537,9 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
         reused = [v.get("value") if isinstance(v, dict) else v for v in fresh.predict(saved.name, api_name="/reuse")]
         t2v_fields = reused[7:17]  # after the 7 optimization settings: the T2V tab's fields, then I2V's, V2V's
         assert t2v_fields == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
-        assert all(v is None for v in reused[17:])  # the other tabs are left as they are
+        # then guidance_2 (one transformer: left as it is) and the finishing steps (off)
+        assert reused[17:20] == [None, 0, 0]
+        assert all(v is None for v in reused[20:])  # the other tabs are left as they are
         # A result deleted after the gallery listed it is refused with a message, not a crash.
         saved.unlink()
         with pytest.raises(Exception, match=f"no saved result named '{saved.name}'"):
@@ -537,3 +571,31 @@ def test_model_folders_under_models_dir_are_listed_and_generate(tmp_path, tiny_m
         assert sidecar["request"]["model"] == str(mine)
     finally:
         s.ui.demo.close()
+
+
+def test_finishing_steps_chained_after_a_run_and_from_the_gallery(served, client, monkeypatch):
+    """generate -> upscale x2 -> interpolate x2 through the API; the un-finished videos are kept, each with a
+    sidecar; the Gallery's buttons run a step on a past result; a 1-frame video is refused and the app stays up."""
+    monkeypatch.setattr("postprocess.upscale.cached_weights", lambda spec: None)  # a fresh machine: no weights
+    video, seed, info = client.predict(**tiny(seed=83, upscale=2, interpolate=2), api_name="/t2v")
+    [saved] = outputs_for(served.outputs, "t2v", 83)
+    up, both = saved.with_name(f"{saved.stem}_up2.mp4"), saved.with_name(f"{saved.stem}_up2_int2.mp4")
+    assert read_video(saved).shape == (9, 32, 32, 3)
+    assert read_video(up).shape == (9, 64, 64, 3)
+    assert read_video(video).shape == (17, 64, 64, 3) and Path(video).name == both.name
+    assert "upscale x2 with lanczos (no model)" in info and "interpolate x2 with minterpolate" in info
+    sidecar = json.loads(saved.with_suffix(".json").read_text())
+    assert [s["step"] for s in sidecar["finishing"]] == ["upscale", "interpolate"]
+    assert sidecar["request"]["upscale"] == 2 and sidecar["request"]["interpolate"] == 2
+    assert json.loads(both.with_suffix(".json").read_text())["kind"] == "interpolate"
+    client.predict(api_name="/gallery")  # the Gallery lists the new results (the pick's choices)
+    details = client.predict(saved.name, api_name="/interpolate_result")
+    assert "9 -> 17 frames" in details and "minterpolate" in details
+    assert read_video(saved.with_name(f"{saved.stem}_int2.mp4")).shape == (17, 32, 32, 3)
+    with pytest.raises(Exception, match="3 .* is not in the list of choices: \\[0, 2, 4\\]"):
+        client.predict(**tiny(upscale=3), api_name="/t2v")
+    one, *_ = client.predict(**tiny(seed=84, frames=1), api_name="/t2v")
+    client.predict(api_name="/gallery")
+    with pytest.raises(Exception, match="1 frame; interpolation needs at least 2"):
+        client.predict(Path(one).name, api_name="/interpolate_result")
+    assert client.predict(api_name="/gallery")  # still up

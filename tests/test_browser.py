@@ -151,11 +151,15 @@ def test_every_tab_renders_and_is_screenshotted(page):
 
 
 def test_reuse_settings_from_the_gallery_fills_the_tab(page):
+    # The first test left this very prompt in the T2V tab: change it, so that only Reuse can bring it back.
+    open_tab(page, "T2V")
+    page.locator("#t2v-prompt textarea").fill("something else")
     open_tab(page, "Gallery")
     page.locator("#gallery .thumbnail-item").first.click()
     wait_text(page, "gallery-details", "a small boat")
     page.get_by_role("button", name="Reuse settings").click()
     page.wait_for_function("document.querySelector('#t2v-prompt textarea').value === 'a small boat on a blue sea'")
+    page.locator("[role=tab][aria-selected=true]", has_text="T2V").wait_for(timeout=UI_TIMEOUT_MS)
     assert page.get_by_role("tab", name="T2V", exact=True).get_attribute("aria-selected") == "true"
 
 

@@ -141,3 +141,71 @@ def test_a_second_run_of_a_cached_model_is_planned_with_its_weights_already_resi
     assert runner.cache.resident_bytes("tiny-wan", "v2v", "none", "cpu") == weights
     assert runner.cache.resident_bytes("tiny-cogvideox", "t2v", "none", "cpu") == 0
     assert runner.cache.resident_bytes("tiny-wan", "t2v", "none", "cuda") == 0
+
+
+# =========================================================================== host RAM as a limit (issue 12)
+
+
+class _FakePipe:
+    """Stands in for a diffusers pipeline: its components as attributes (no diffusers needed)."""
+
+    def __init__(self, modules: dict):
+        self.__dict__.update(modules)
+        self.components = dict(modules)
+
+
+def _fake_loader(model, task, shared, torch_dtype):
+    from configs.schema import get_model_spec
+
+    modules = {}
+    for comp, n in get_model_spec(model).params.items():
+        if comp in shared:
+            modules[comp] = shared[comp]
+        else:
+            modules[comp] = torch.nn.Linear(n, 1, bias=False).to(torch_dtype)  # n parameters
+    return _FakePipe(modules)
+
+
+def test_a_load_that_would_overflow_ram_evicts_the_least_recently_used_pipeline_it_does_not_share(monkeypatch):
+    from pipeline_utils import cache as cache_mod
+    from vram_utils.planner import HOST_MARGIN_BYTES
+
+    monkeypatch.setattr(cache_mod, "load_shared_pipeline", _fake_loader)
+    free = {"bytes": HOST_MARGIN_BYTES + 10**9}  # a synthetic machine: 1 GB above the margin
+    cache = PipelineCache(max_size=4, available_bytes=lambda: free["bytes"])
+    cache.get("tiny-wan", "t2v")
+    cache.get("tiny-cogvideox", "t2v")
+    cache.get("tiny-wan", "v2v")  # shares every weight with tiny-wan t2v: adds nothing
+    assert cache.keys() == [("tiny-wan", "t2v", "none"), ("tiny-cogvideox", "t2v", "none"), ("tiny-wan", "v2v", "none")]
+    dtype = torch.float32
+    need = cache.load_bytes("tiny-wan", {}, dtype)
+    assert need == 4 * sum(__import__("configs.schema").schema.get_model_spec("tiny-wan").params.values())
+    assert cache.load_bytes("tiny-wan", {"text_encoder": None, "vae": None}, dtype) < need  # shared / left out
+    # Now RAM is short: a tiny-cogvideox i2v load (new transformer) must make room. The LRU entry,
+    # tiny-wan t2v, shares nothing with it and goes; tiny-cogvideox t2v shares its VAE and text encoder, stays.
+    i2v_need = cache.load_bytes("tiny-cogvideox", {"vae": 1, "text_encoder": 1, "tokenizer": 1}, dtype)
+    free["bytes"] = HOST_MARGIN_BYTES + i2v_need - 1
+    dropped = []
+    real_drop = cache._drop
+
+    def drop(key):
+        dropped.append(key)
+        free["bytes"] = HOST_MARGIN_BYTES + 10**9  # the eviction gave the RAM back
+        return real_drop(key)
+
+    monkeypatch.setattr(cache, "_drop", drop)
+    cache.get("tiny-cogvideox", "i2v")
+    assert dropped == [("tiny-wan", "t2v", "none")]
+    assert ("tiny-cogvideox", "t2v", "none") in cache and ("tiny-cogvideox", "i2v", "none") in cache
+
+
+def test_when_nothing_cached_can_go_the_load_goes_ahead_and_says_so(monkeypatch, caplog):
+    from pipeline_utils import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "load_shared_pipeline", _fake_loader)
+    cache = PipelineCache(max_size=4, available_bytes=lambda: 0)  # no RAM at all, nothing cached
+    with caplog.at_level("WARNING", logger="pipeline_utils.cache"):
+        cache.get("tiny-wan", "t2v")
+    assert len(cache) == 1 and "nothing cached can go" in caplog.text
+    cache.get("tiny-wan", "v2v")  # shares everything: nothing to load, nothing evicted
+    assert len(cache) == 2

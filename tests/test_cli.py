@@ -154,9 +154,9 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
     fields = fields_from_request(req)
     assert fields["resolution"] == "64x48" and fields["vae_tiling"] is False and fields["quant"] == "int8"
     assert set(fields) == {
-        "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "frames", "fps", "resolution",
-        "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x",
-        "tile_stride_y",
+        "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "guidance_2", "frames", "fps",
+        "resolution", "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y",
+        "tile_stride_x", "tile_stride_y", "upscale", "interpolate",
     }
     assert request_from_fields("v2v", fields) == expected.replace(decode=DecodeSettings(
         enable_vae_tiling=False, tile_x=192, tile_stride_x=96))
@@ -194,3 +194,91 @@ def test_decode_flags_left_out_keep_the_runs_settings():
         enable_vae_tiling=False, tile_x=192, tile_y=200, tile_stride_y=100, chunk_frames=2)
     bare = build_parser().parse_args(["decode", "--latents", "x.latents.pt", "--out", "y.mp4"])
     assert decode_overrides(vars(bare)) == {} and decode_from_fields(vars(bare), base) == base
+
+
+def test_generate_two_expert_model_t2v_in_a_subprocess_and_i2v(tmp_path, tiny_models, sample_image):
+    """tiny-wan-moe through the CLI: --guidance-2 reaches the sidecar with the step where the experts switched."""
+    out = tmp_path / "moe.mp4"
+    proc = _run_cli("generate", "--model", "tiny-wan-moe", "--prompt", "a cat", "--frames", "9", "--height", "32",
+                    "--width", "32", "--steps", "4", "--guidance", "5", "--guidance-2", "2.5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_video(out).shape == (9, 32, 32, 3)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["request"]["guidance_2"] == 2.5
+    assert sidecar["experts"] == {"boundary_ratio": 0.875, "switch_step": 2, "guidance": 5.0, "guidance_2": 2.5,
+                                  "experts_in_ram": 2}
+    i2v = tmp_path / "moe-i2v.mp4"
+    assert main(["generate", "--model", "tiny-wan-moe", "--task", "i2v", "--image", str(sample_image), "--prompt",
+                 "a cat", "--frames", "9", "--height", "32", "--width", "32", "--steps", "4", "--out", str(i2v)]) == 0
+    assert read_video(i2v).shape == (9, 32, 32, 3)
+    sidecar = json.loads(i2v.with_suffix(".json").read_text())
+    assert sidecar["experts"]["switch_step"] == 2 and sidecar["experts"]["guidance_2"] == sidecar["request"]["guidance"]
+
+
+def test_guidance_2_for_a_one_transformer_model_exits_2(capsys, tiny_models):
+    assert main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--guidance-2", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: guidance_2=3.0 is not allowed for tiny-wan t2v: it runs one transformer")
+
+
+def test_generate_then_upscale_then_interpolate_through_the_cli(tmp_path, tiny_models, monkeypatch):
+    """Offline on a fresh machine: upscale uses Lanczos (no weights) and says so; interpolate uses minterpolate;
+    with --weights a random-weight Real-ESRGAN file spandrel recognises is used instead."""
+    from tests.test_postprocess import write_random_esrgan
+
+    gen = tmp_path / "gen.mp4"
+    assert main(["generate", "--model", "tiny-cogvideox", "--prompt", "a cat", "--frames", "9", "--height", "32",
+                 "--width", "48", "--steps", "2", "--out", str(gen)]) == 0
+    up = tmp_path / "up.mp4"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # the subprocess sees an empty hub cache: a fresh machine
+    proc = _run_cli("upscale", "--video", str(gen), "--scale", "2", "--out", str(up), "--offline")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "method: lanczos (no model)" in proc.stderr and "hf download ai-forever/Real-ESRGAN" in proc.stderr
+    assert read_video(up).shape == (9, 64, 96, 3)
+    proc = _run_cli("interpolate", "--video", str(up), "--factor", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "up_int2.mp4"
+    assert proc.stdout.strip() == str(out) and "minterpolate" in proc.stderr
+    assert read_video(out).shape == (17, 64, 96, 3) and video_fps(out) == pytest.approx(16)
+    assert json.loads(out.with_suffix(".json").read_text())["finishing"][-1]["frames_out"] == 17
+    weights = write_random_esrgan(tmp_path / "x4.safetensors", 4)
+    learned = tmp_path / "learned.mp4"
+    assert main(["upscale", "--video", str(gen), "--scale", "4", "--weights", str(weights), "--tile", "0",
+                 "--out", str(learned)]) == 0
+    assert read_video(learned).shape == (9, 128, 192, 3)
+    assert "x4.safetensors (ESRGAN x4, learned)" in json.loads(learned.with_suffix(".json").read_text())["finishing"][0]["method"]
+
+
+def test_generate_with_finishing_flags_keeps_every_video(tmp_path, tiny_models, capsys):
+    out = tmp_path / "run.mp4"
+    assert main(["generate", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "9", "--height", "32",
+                 "--width", "32", "--steps", "2", "--out", str(out), "--upscale", "2", "--interpolate", "2"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[-1] for p in printed] == ["run.mp4", "run_up2.mp4", "run_up2_int2.mp4"]
+    assert read_video(tmp_path / "run_up2_int2.mp4").shape == (17, 64, 64, 3)
+    assert video_fps(tmp_path / "run_up2_int2.mp4") == pytest.approx(32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["upscale", "--scale", "3"], "error: scale=3 is not allowed; use one of 2, 4"),
+    (["interpolate", "--factor", "8"], "error: factor=8 is not allowed; use one of 2, 4"),
+    (["upscale", "--weights", "missing.pth"], "error: weights file 'missing.pth' does not exist"),
+    (["interpolate"], "has 1 frame; interpolation needs at least 2"),
+    (["upscale", "--method", "realesrgan"], "hf download ai-forever/Real-ESRGAN RealESRGAN_x2.pth"),
+])
+def test_finishing_commands_refuse_bad_input_with_one_line(tmp_path, capsys, args, message, monkeypatch):
+    from tests.test_postprocess import write_video
+
+    monkeypatch.setattr("postprocess.upscale.cached_weights", lambda spec: None)
+    one = write_video(tmp_path / "one.mp4", 1, 32, 48)
+    assert main([args[0], "--video", str(one), *args[1:], "--out", str(tmp_path / "o.mp4")]
+                + (["--offline"] if args[0] == "upscale" else [])) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_file_that_is_not_a_video_is_refused(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    assert main(["upscale", "--video", str(notes)]) == 2
+    assert "error: 'notes.txt' is not a video ffmpeg can read" in capsys.readouterr().err

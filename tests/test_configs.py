@@ -27,12 +27,15 @@ HUB_MODELS = [
     "Wan-AI/Wan2.1-T2V-14B-Diffusers",
     "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
 ]
 
 
 def test_registry_has_every_required_model_and_the_tiny_family():
     registry = load_registry()
-    assert set(HUB_MODELS) | {"tiny-cogvideox", "tiny-wan"} == set(registry)
+    assert set(HUB_MODELS) | {"tiny-cogvideox", "tiny-wan", "tiny-wan-moe"} == set(registry)
 
 
 @pytest.mark.parametrize("model", list(load_registry()))

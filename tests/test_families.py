@@ -117,3 +117,12 @@ def test_a_folder_of_another_pipeline_or_task_is_refused_by_name(tmp_path, tiny_
     assert main(["generate", "--model", str(tiny_models["tiny-wan"] / "t2v"), "--task", "i2v", "--prompt", "a cat",
                  "--image", str(other / "model_index.json")]) == 2
     assert "has no i2v pipeline; it serves: t2v, v2v" in capsys.readouterr().err
+
+
+def test_a_two_expert_folder_reads_both_experts_and_its_boundary(tiny_models):
+    folder = tiny_models["tiny-wan-moe"] / "t2v"
+    spec, registered = get_model_spec(str(folder)), get_model_spec("tiny-wan-moe")
+    assert spec.experts == registered.experts == 2
+    assert spec.boundary_ratio == registered.boundary_ratio == 0.875
+    assert spec.params["transformer_2"] == registered.params["transformer_2"]
+    assert arch_for(spec).experts == 2

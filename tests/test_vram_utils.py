@@ -22,11 +22,13 @@ COG_2B, COG_5B = "THUDM/CogVideoX-2b", "THUDM/CogVideoX-5b"
 WAN_1_3B, WAN_14B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 
 
-def card(gb: float, used_gb: float = 0.0, name: str = "Synthetic", gpus: int = 1) -> DeviceInfo:
-    """A machine with `gpus` cards of `gb` GiB (used_gb in use by others) and 64 GiB of RAM."""
+def card(gb: float, used_gb: float = 0.0, name: str = "Synthetic", gpus: int = 1, ram_gb: float = 128) -> DeviceInfo:
+    """A machine with `gpus` cards of `gb` GiB (used_gb in use by others) and `ram_gb` GiB of RAM (8 GiB in use).
+    The GPU-rung tests use RAM to spare (128 GiB), so they test the GPU budget alone; tests/test_planner_table.py
+    tests the two budgets together."""
     total, used = int(gb * GIB), int(used_gb * GIB)
     cards = tuple(GpuInfo(i, f"{name} {gb:g}GB", total, used, total - used, used, 0) for i in range(gpus))
-    return DeviceInfo(True, cards, 64 * GIB, 56 * GIB, 1 * GIB)
+    return DeviceInfo(True, cards, int(ram_gb * GIB), int((ram_gb - 8) * GIB), 1 * GIB)
 
 
 NO_GPU = DeviceInfo(False, (), 24 * GIB, 20 * GIB, 1 * GIB)
@@ -191,7 +193,8 @@ def test_architecture_table_matches_the_published_configs_built_on_meta():
         if not spec.tiny:
             arch = arch_for(spec)
             for comp, params in spec.params.items():
-                mine = {"transformer": arch.transformer.params, "vae": arch.vae.params,
+                mine = {"transformer": arch.transformer.params, "transformer_2": arch.transformer.params,
+                        "vae": arch.vae.params,
                         "text_encoder": arch.text_encoder.params, "image_encoder": arch.image_encoder_params}[comp]
                 assert abs(mine - params) / params < 0.01, (model, comp)
 
@@ -329,8 +332,10 @@ def test_without_a_gpu_everything_runs_on_the_cpu_and_ram_is_the_budget():
     assert plan.offload == "none" and plan.device == "cpu" and plan.fits
     assert "offload none: no CUDA GPU: running on the CPU" in plan.reasons
     assert plan.predicted_peak_gpu_bytes == 0 and plan.predicted_peak_host_bytes == max(plan.stages.values()) > 0
-    big = vram_utils.plan_for(request(COG_5B), get_model_spec(COG_5B), NO_GPU)  # 20 GiB of RAM is not enough
-    assert not big.fits and (big.suggested_model == COG_2B or big.suggested_frames)
+    big = vram_utils.plan_for(request(COG_5B), get_model_spec(COG_5B), NO_GPU)  # 20 GiB of RAM: only without the T5
+    assert big.fits and big.host_rung == "text-encoder-first" and big.release_text_encoder
+    bigger = vram_utils.plan_for(request(WAN_14B), get_model_spec(WAN_14B), NO_GPU)  # not even at fp8; no disk given
+    assert not bigger.fits and (bigger.suggested_model or bigger.suggested_frames)
 
 
 def test_seed_functions_answer_from_the_planner():
@@ -513,3 +518,125 @@ def test_absurd_size_is_refused_with_the_estimate_and_a_sane_one_is_not():
     # Without a GPU the bound is the host RAM in all.
     cpu = vram_utils.planner.plan_for(request(WAN_14B, height=4096, width=4096, frames=81), spec, NO_GPU)
     assert "host RAM has 24.0 GiB in all" in cpu.refused
+
+
+# =========================================================================== the disk rung (host RAM)
+
+
+@pytest.fixture
+def offload_home(tmp_path, monkeypatch):
+    """FITVIDEO_HOME in a temp folder, so the disk rung's files go there and are removed with it."""
+    monkeypatch.setenv("FITVIDEO_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "offload"
+
+
+def _disk_groups(module) -> int:
+    from vram_utils.offload import _disk_groups as groups
+
+    return len(groups(module))
+
+
+@pytest.mark.parametrize("rung", ["none", "model", "group", "sequential"])
+def test_the_disk_rung_streams_the_transformer_from_files_and_gives_the_same_latents(tiny_models, offload_home, rung):
+    from pipeline_utils.loaders import load_pipeline
+    from vram_utils.offload import disk_folder_of
+
+    pipe = load_pipeline("tiny-wan", "t2v")
+    reference = _latents(pipe, "wan")
+    weights = vram_utils.module_bytes(pipe.transformer)
+    vram_utils.apply_offload_strategy(pipe, rung, "cpu", disk_offload=True)
+    folder = disk_folder_of(pipe.transformer)
+    assert folder is not None and folder.parent == offload_home and folder.name.startswith("transformer-transformer-")
+    files = sorted(folder.glob("group_*.safetensors"))
+    # One file per block plus one for everything outside the blocks, together the weights' bytes.
+    assert len(files) == len(pipe.transformer.blocks) + 1 == _disk_groups(pipe.transformer)
+    assert weights <= sum(f.stat().st_size for f in files) <= weights + 64 * 1024 * len(files)
+    assert disk_folder_of(pipe.text_encoder) is None and _disk_groups(pipe.text_encoder) == 0
+    assert vram_utils.placed_as(pipe) == (f"{rung}+disk", "cpu")
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, f"{rung}+disk")
+
+
+def test_the_disk_rung_is_idempotent_reuses_its_files_and_going_back_restores_the_weights(tiny_models, offload_home):
+    from pipeline_utils.loaders import load_pipeline
+    from vram_utils.offload import disk_folder_of
+
+    pipe = load_pipeline("tiny-wan", "t2v")
+    reference = _latents(pipe, "wan")
+    plan = vram_utils.plan_for(request("tiny-wan", frames=9, height=32, width=32, offload="group"),
+                               get_model_spec("tiny-wan"), NO_GPU).replace(disk_offload=True, device="cpu")
+    vram_utils.apply_plan(pipe, plan)
+    folder = disk_folder_of(pipe.transformer)
+    hook = pipe.transformer.blocks[0]._diffusers_hook.get_hook("group_offloading")
+    written = {f: f.stat().st_mtime_ns for f in folder.glob("group_*.safetensors")}
+    vram_utils.apply_plan(pipe, plan)  # the same plan again: nothing changes
+    assert pipe.transformer.blocks[0]._diffusers_hook.get_hook("group_offloading") is hook
+    vram_utils.apply_plan(pipe, plan.replace(disk_offload=False))  # back to RAM: the weights come back
+    assert disk_folder_of(pipe.transformer) is None and _disk_groups(pipe.transformer) == 0
+    assert vram_utils.placed_as(pipe) == ("group", "cpu")
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, "group after disk")
+    vram_utils.apply_plan(pipe, plan)  # and to disk again: the same folder, its files not written again
+    assert disk_folder_of(pipe.transformer) == folder
+    assert {f: f.stat().st_mtime_ns for f in folder.glob("group_*.safetensors")} == written
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, "disk again")
+    vram_utils.apply_offload_strategy(pipe, "none", "cpu")
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, "none after disk")
+
+
+def test_the_disk_key_changes_with_the_weights_and_an_unfinished_folder_is_redone(tiny_models, offload_home):
+    from pipeline_utils.loaders import load_pipeline
+    from vram_utils.offload import disk_key, prepare_disk_folder
+
+    transformer = load_pipeline("tiny-wan", "t2v").transformer
+    key = disk_key(transformer, "transformer")
+    assert key == disk_key(transformer, "transformer") and key != disk_key(transformer, "transformer_2")
+    assert "-bfloat16-" in key or "-float32-" in key
+    with torch.no_grad():
+        transformer.blocks[0].attn1.to_q.weight.add_(1.0)  # other weights (a block, as a fused LoRA): another folder
+    changed = disk_key(transformer, "transformer")
+    assert changed != key
+    half = transformer.to(torch.float16)
+    assert disk_key(half, "transformer") not in (key, changed) and "-float16-none-" in disk_key(half, "transformer")
+    folder = offload_home / disk_key(half, "transformer")
+    folder.mkdir(parents=True)
+    (folder / "group_stale.safetensors").write_bytes(b"half written")  # a run stopped while writing
+    assert prepare_disk_folder(half, "transformer") == folder and not folder.exists()
+
+
+def test_the_disk_rung_refuses_when_the_disk_is_short_naming_folder_needed_and_free(tiny_models, offload_home,
+                                                                                    monkeypatch):
+    import shutil
+
+    from configs.schema import RequestError
+    from pipeline_utils.loaders import load_pipeline
+
+    pipe = load_pipeline("tiny-wan", "t2v")
+    weights = vram_utils.module_bytes(pipe.transformer)
+    free = 512 * 2**20  # less than the 1 GiB the rung keeps free on top of the weights
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100 * 2**30, 0, free))
+    with pytest.raises(RequestError) as err:
+        vram_utils.apply_offload_strategy(pipe, "group", "cpu", disk_offload=True)
+    message = str(err.value)
+    want = int(weights * 1.05) + 2**30
+    assert str(offload_home) in message and f"{want / 2**30:.2f} GiB free" in message
+    assert f"{free / 2**30:.2f} GiB free" in message and "FITVIDEO_HOME" in message
+    assert not offload_home.exists() and _hooks(pipe) == (0, 0)  # refused before anything was written or hooked
+
+
+def test_the_disk_rung_streams_fp8_storage_weights_and_keys_them_apart(tiny_models, offload_home):
+    import quant
+    from pipeline_utils.loaders import load_pipeline
+    from vram_utils.offload import disk_folder_of
+
+    pipe = load_pipeline("tiny-wan", "t2v")
+    plain_key = vram_utils.offload.disk_key(pipe.transformer, "transformer")
+    quant.apply(pipe.transformer, "fp8-storage")
+    fp8_bytes = vram_utils.module_bytes(pipe.transformer)
+    reference = _latents(pipe, "wan")
+    vram_utils.apply_offload_strategy(pipe, "group", "cpu", disk_offload=True)
+    folder = disk_folder_of(pipe.transformer)
+    assert "-fp8-storage-" in folder.name and folder.name != plain_key
+    stored = sum(f.stat().st_size for f in folder.glob("group_*.safetensors"))
+    assert fp8_bytes <= stored <= fp8_bytes + 64 * 1024 * (len(pipe.transformer.blocks) + 1)  # stored as fp8
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, "fp8-storage from disk")
+    vram_utils.apply_offload_strategy(pipe, "none", "cpu")
+    _assert_same_in_float32(pipe, _latents(pipe, "wan"), reference, "fp8-storage back in RAM")

@@ -4,7 +4,8 @@ Public API:
   probe() -> DeviceInfo, PeakMeter                     what the machine has; measured peaks
   plan(request, spec, device=None) -> Plan             the fastest rung that fits, with reasons
   Ladder(cuda, own_chunk, frame_px)                    every rung below a position (offload, tiles, chunks)
-  apply_plan(pipe, plan)                               idempotent placement (offload rung, VAE tiling)
+  apply_plan(pipe, plan)                               idempotent placement (offload rung, disk rung, VAE tiling)
+  offload_root(), disk_folder_of(module)               where the disk rung keeps weight files
   tensor_bytes(t), module_bytes(m)                     storage bytes, torchao subclasses included
   seed 003: get_gpu_memory_info, log_vram_status, check_vram_availability,
             get_recommended_offload_strategy, apply_offload_strategy, configure_vae_tiling
@@ -17,7 +18,9 @@ from vram_utils.offload import (  # noqa: F401
     apply_offload_strategy,
     apply_plan,
     configure_vae_tiling,
+    disk_folder_of,
     execution_device,
+    offload_root,
     placed_as,
     remove_all_offload,
 )

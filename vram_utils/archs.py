@@ -24,7 +24,7 @@ def arch_for(spec: ModelSpec) -> ModelArch:
     """The estimator's numbers for a model, from its family and its configs and counts."""
     note = f"sizes read from the local folder {spec.folder}" if spec.folder else ""
     arch = spec.family_module.arch(spec.config, spec.component_parts(), spec.params.get("image_encoder", 0))
-    return ModelArch(arch.transformer, arch.text_encoder, arch.vae, arch.image_encoder_params, note)
+    return ModelArch(arch.transformer, arch.text_encoder, arch.vae, arch.image_encoder_params, note, arch.experts)
 
 
 class _Archs(Mapping):

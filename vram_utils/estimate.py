@@ -19,6 +19,32 @@ a stage is what the offload rung changes:
               blocks (the one computing and the one being prefetched); the VAE stays resident
   sequential  leaf level with CUDA streams: the layer computing and the one prefetched (two of the
               largest; for a text encoder its embedding and an FF projection)
+
+A two-expert model (Wan 2.2 A14B) has `transformer` and `transformer_2`, one computing at a time: model
+offload (diffusers' `model_cpu_offload_seq` "text_encoder->transformer->transformer_2->vae") and group /
+sequential offload put one expert's weights on the GPU; "none" puts both there.
+
+Host RAM, the second budget (`Estimate.host_stages`, per stage, above the process baseline). Which weights
+exist in the process during a stage is what the host rung (vram_utils/ladder.py) changes: "ram" loads every
+component before the first stage; "text-encoder-first" holds the text encoder (and the VAE) for the text
+stage and frees it before the transformers load (the peak is the larger of the two, not their sum);
+"one-expert" holds one expert at a time (the first is freed before the second loads at the switch);
+"low-precision" stores the transformer weights at one byte (fp8 storage, `quant`); "disk" streams the
+transformers' block groups from files (only the groups in flight are in RAM, read without CUDA streams; the
+files' page cache is reclaimable and not counted). The disk rung assumes an expert reaches its files without
+being materialised whole in RAM (vram_utils/offload.py's loader); loaded whole first, its load would add one
+expert's bytes. How many bytes a held component takes in RAM is what the offload rung changes on CUDA:
+
+  none        weights pass through RAM when loaded (from_pretrained), then live on the GPU: counted in the
+              stage that loads them
+  model       every component stays in RAM all run (the one on the GPU moved, not copied; at load they all
+              are in RAM)
+  group,      `PINNED_COPY_FACTOR` x the offloaded components (all but a group rung's VAE): see there
+  sequential
+With the disk rung, "model" places the other components as "group" (diffusers cannot mix the two).
+Host-side activations: the input frames (encode), the decoded uint8 frames, the float32 latents saved to
+disk and, with tiles on a GPU, the parked causal caches of the tiles not decoding (decode).
+On the CPU backend host RAM is the computing device: the host stages are the device stages.
 """
 from __future__ import annotations
 
@@ -26,9 +52,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.schema import DecodeSettings, GenerationRequest, ModelSpec, Offload, Quant, load_presets
+from configs.schema import DecodeSettings, GenerationRequest, HostRung, ModelSpec, Offload, Quant, load_presets
 from vram_utils.archs import ModelArch, TransformerArch, VaeArch
-from vram_utils.ladder import OFFLOAD_RUNGS
+from vram_utils.ladder import HOST_MEASURES, OFFLOAD_RUNGS
 
 Backend = Literal["cuda", "cpu"]
 LADDER: tuple[Offload, ...] = OFFLOAD_RUNGS  # fastest first (vram_utils/ladder.py owns the rungs)
@@ -46,6 +72,20 @@ CUDA_WORKSPACE_BYTES = 64 * MIB
 # Linear weights are ~98% of a video transformer's parameters; quantization stores them in one byte
 # while norms, biases and embeddings keep the compute dtype.
 QUANTIZED_FRACTION = 0.98
+# Group / sequential offload with CUDA streams: diffusers' docs (Memory optimization, group offloading,
+# `use_stream`) say to "ensure you have 2x the amount of memory as the model size". Why: apply_group_offloading
+# pins a CPU copy of every parameter (`_init_cpu_param_dict`: `param.data.cpu().pin_memory()`) while the loaded
+# copy stays referenced until the group's first onload, and PyTorch's pinned-memory allocator rounds each block
+# up to a power of two. We count 2x for the whole run (not measured here: no GPU; bench/host_ram.py checks it).
+PINNED_COPY_FACTOR = 2.0
+# The disk rung: the block group computing is read back from its file (plus the expert's non-block group),
+# without CUDA streams (vram_utils/offload.py `_disk_offload`), so nothing is read ahead: one group in flight.
+# Measured (bench/host_ram.py, a 4-block Wan-14B-width stack on the CPU, files reused): 1.25 GiB peak RSS,
+# 1.12 GiB predicted with one group (0.90), 1.78 GiB with two (1.42).
+DISK_GROUPS_IN_FLIGHT = 1
+TRANSFORMERS = ("transformer", "transformer_2")
+# Group-offloaded without streams (vram_utils/offload.py ONCE_PER_RUN): no pinned copy.
+ONCE_PER_RUN = ("text_encoder", "image_encoder")
 
 
 @dataclass(frozen=True)
@@ -60,6 +100,7 @@ class Workload:
     dtype_bytes: int
     quant: Quant = "none"
     decode: DecodeSettings = DecodeSettings()
+    host_rung: HostRung = "ram"  # what is held in host RAM (vram_utils/ladder.py HOST_MEASURES)
 
     def replace(self, **changes) -> "Workload":
         import dataclasses
@@ -84,7 +125,9 @@ class Estimate:
     backend: Backend
     stages: tuple[StageEstimate, ...]
     component_bytes: dict[str, int] = field(default_factory=dict)
-    host_extra_bytes: int = 0  # on the CUDA backend: what the host holds beyond the weights
+    # host RAM per stage (weights held in RAM + host-side activations); on the CPU backend equal to `stages`
+    host_stages: tuple[StageEstimate, ...] = ()
+    host_rung: HostRung = "ram"
 
     @property
     def peak_device_bytes(self) -> int:
@@ -105,14 +148,22 @@ class Estimate:
 
     @property
     def peak_host_bytes(self) -> int:
-        """Host RAM above the process baseline. On CUDA every rung loads all weights into host RAM first
-        (from_pretrained), and the offload rungs keep them there (pinned where streams copy them)."""
-        if self.backend == "cpu":
+        """Host RAM above the process baseline at its largest stage (see the module docstring)."""
+        if self.backend == "cpu" or not self.host_stages:
             return self.peak_device_bytes
-        return self.weights_total_bytes + self.host_extra_bytes
+        return max(s.peak_bytes for s in self.host_stages)
+
+    @property
+    def peak_host_stage(self) -> str:
+        stages = self.host_stages if self.backend == "cuda" and self.host_stages else self.stages
+        return max(stages, key=lambda s: s.peak_bytes).name
 
     def stage_dict(self) -> dict[str, int]:
         return {s.name: s.peak_bytes for s in self.stages}
+
+    def host_stage_dict(self) -> dict[str, int]:
+        stages = self.host_stages if self.backend == "cuda" and self.host_stages else self.stages
+        return {s.name: s.peak_bytes for s in stages}
 
 
 # --------------------------------------------------------------------------- shapes
@@ -160,12 +211,15 @@ def transformer_weight_bytes(params: int, dtype_bytes: int, quant: Quant) -> int
 
 
 def component_bytes(arch: ModelArch, w: Workload) -> dict[str, int]:
+    """Weight bytes per component; a two-expert model has `transformer` and `transformer_2`, equal in size."""
     b = w.dtype_bytes
     sizes = {
         "text_encoder": arch.text_encoder.params * b,
         "transformer": transformer_weight_bytes(arch.transformer.params, b, w.quant),
         "vae": arch.vae.params * b,
     }
+    if arch.experts == 2:
+        sizes["transformer_2"] = sizes["transformer"]
     if arch.image_encoder_params and w.task == "i2v":
         sizes["image_encoder"] = arch.image_encoder_params * b
     return sizes
@@ -190,6 +244,8 @@ def resident_bytes(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[s
         # the embedding (the largest layer, used first) and the FF projection prefetched after it
         out["text_encoder"] = _scaled(te.largest_leaf_params + te.block_leaf_params, te.params, sizes["text_encoder"])
         out["vae"] = _scaled(2 * vae.largest_leaf_params, vae.params, sizes["vae"])
+    if "transformer_2" in sizes:
+        out["transformer_2"] = out["transformer"]
     if "image_encoder" in sizes:
         out["image_encoder"] = sizes["image_encoder"] if offload == "group" else min(sizes["image_encoder"], 64 * MIB)
     return out
@@ -301,46 +357,147 @@ def image_encoder_activation_bytes(arch: ModelArch, w: Workload) -> int:
     return 257 * (6 * 1280 + 2 * 5120) * w.dtype_bytes if arch.image_encoder_params else 0
 
 
+# --------------------------------------------------------------------------- host RAM
+
+
+def held_components(sizes: dict[str, int], stage: str, host_rung: HostRung) -> set[str]:
+    """Components whose weights exist in the process during `stage` under `host_rung`. Text encoder first:
+    the pipeline without its transformers encodes the prompt (the runner's `_load`), then the text encoder
+    goes before the transformers load."""
+    m = HOST_MEASURES[host_rung]
+    held = set(sizes)
+    if m.release_text_encoder:
+        held = held - set(TRANSFORMERS) if stage == "text" else held - {"text_encoder"}
+    if m.one_expert or m.disk:  # one expert at a time (on disk: only the computing expert's groups in flight)
+        held.discard("transformer_2")
+    return held
+
+
+def streamed_transformer_bytes(arch: ModelArch, expert_bytes: int) -> int:
+    """One expert streamed from disk (vram_utils/offload.py `_disk_offload`: block-level groups read from their
+    files, without CUDA streams): its non-block group and the block groups in flight, in RAM or on the GPU."""
+    tr = arch.transformer
+    in_flight = tr.non_block_params + DISK_GROUPS_IN_FLIGHT * tr.block_params
+    return _scaled(in_flight, tr.params, expert_bytes)
+
+
+def placement(offload: Offload, w: Workload) -> Offload:
+    """How the components that are not on disk are placed: with the disk rung, diffusers cannot mix group
+    offload with model offload, so "model" places them as the group rung (vram_utils/offload.py)."""
+    return "group" if (offload == "model" and HOST_MEASURES[w.host_rung].disk) else offload
+
+
+def ram_factor(component: str, offload: Offload, backend: Backend) -> float:
+    """RAM per weight byte of a held component: pinned copies under streamed group / leaf offload."""
+    streamed = backend == "cuda" and offload in ("group", "sequential") and component not in ONCE_PER_RUN
+    if not streamed or (component == "vae" and offload == "group"):  # a group rung's VAE lives on the GPU
+        return 1.0
+    return PINNED_COPY_FACTOR
+
+
+def ram_bytes(arch: ModelArch, w: Workload, sizes: dict[str, int], component: str, offload: Offload,
+              backend: Backend) -> int:
+    """Bytes a held component takes in host RAM (`offload` as placed, see `placement`)."""
+    if component in TRANSFORMERS and HOST_MEASURES[w.host_rung].disk:
+        return streamed_transformer_bytes(arch, sizes[component])
+    return int(sizes[component] * ram_factor(component, offload, backend))
+
+
+# A tile's causal decoder caches, in elements per output pixel per full-resolution decoder channel: each causal
+# conv keeps its input's last 2 frames; at full resolution 3 resnets x 2 convs (6 x 2 = 12 x top channels),
+# the half-resolution level twice the channels on a quarter of the pixels (+ 6), the lower levels about 2 more:
+# ~22. Counted from the decoder layouts (CogVideoX 128 / Wan 2.1 96 top channels: ~2,800 / ~2,100 elements per
+# pixel), not measured; bench/host_ram.py measures the decode's host part on a GPU.
+CAUSAL_CACHE_ELEMS_PER_TOP_CHANNEL = 22
+
+
+def parked_cache_bytes(arch: ModelArch, w: Workload) -> int:
+    """With tiles on a GPU, the causal caches of the tiles not being decoded wait in host RAM (decode/stream.py
+    `_park`): every tile but the one decoding, from the second chunk on."""
+    vae, d = arch.vae, w.decode
+    th, tw = _tile(w, d.enable_vae_tiling, d.tile_y, d.tile_x)
+    if (th, tw) == (w.height, w.width) or latent_frames(w.frames, vae) <= vae.chunk_latent_frames:
+        return 0
+    tiles = _tiles_along(w.height, th, d.tile_stride_y) * _tiles_along(w.width, tw, d.tile_stride_x)
+    per_px = CAUSAL_CACHE_ELEMS_PER_TOP_CHANNEL * vae.top_channels
+    return int((tiles - 1) * per_px * th * tw * w.dtype_bytes)
+
+
+def _tiles_along(frame: int, tile: int, stride: int) -> int:
+    return 1 if tile >= frame else math.ceil((frame - tile) / max(1, stride)) + 1
+
+
+def host_stages(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[str, int],
+                names: tuple[str, ...]) -> tuple[StageEstimate, ...]:
+    """Host RAM per stage on the CUDA backend (module docstring): weights held + host-side activations."""
+    held_before: set[str] = set()
+    out = []
+    for name in names:
+        held = held_components(sizes, name, w.host_rung)
+        if offload == "none":  # weights pass through RAM in the stage that loads them, then live on the GPU
+            loaded = held - held_before
+            weights = sum(ram_bytes(arch, w, sizes, c, offload, "cuda") for c in loaded)
+            if name == "denoise" and "transformer" in held and HOST_MEASURES[w.host_rung].one_expert:
+                weights = max(weights, ram_bytes(arch, w, sizes, "transformer", offload, "cuda"))  # the switch
+        else:
+            weights = sum(ram_bytes(arch, w, sizes, c, offload, "cuda") for c in held)
+        held_before = held
+        act = CPU_RUNTIME_BYTES
+        if name == "encode":  # the input frames, read as uint8
+            act += w.frames * 3 * w.height * w.width
+        if name == "decode":  # decoded uint8 frames, the float32 latents saved to disk, parked tile caches
+            act += w.frames * 3 * w.height * w.width + latent_bytes(arch, w) + parked_cache_bytes(arch, w)
+        out.append(StageEstimate(name, weights, act))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- the estimate
 
 
 def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: Backend = "cuda") -> Estimate:
-    """Predicted peak bytes per stage for `w` under `offload` on `backend`.
+    """Predicted peak bytes per stage for `w` under `offload` on `backend`, on the computing device and in
+    host RAM (`w.host_rung` says what RAM holds).
 
     On the CPU backend everything lives in host RAM and offload moves nothing, so
     every rung reads as "none" and the stages add the CPU runtime's own scratch.
     """
     sizes = component_bytes(arch, w)
-    rung: Offload = offload if backend == "cuda" else "none"
+    asked: Offload = offload if backend == "cuda" else "none"
+    rung = placement(asked, w)
     res = resident_bytes(arch, w, rung, sizes)
+    if HOST_MEASURES[w.host_rung].disk:  # the experts' block groups come from disk, one computing at a time
+        res.update({c: streamed_transformer_bytes(arch, sizes[c]) for c in TRANSFORMERS if c in sizes})
     embeds = prompt_embedding_bytes(arch, w)
-    lat = latent_bytes(arch, w)
     encodes = w.task in ("i2v", "v2v")
     extra = CUDA_WORKSPACE_BYTES if backend == "cuda" else CPU_RUNTIME_BYTES
 
-    def on_device(*names: str) -> int:
-        if rung == "none":
-            return sum(sizes.values())
+    def on_device(stage: str, *names: str) -> int:
+        if rung == "none":  # everything this stage holds (both experts unless one at a time)
+            return sum(ram_bytes(arch, w, sizes, c, rung, backend) for c in held_components(sizes, stage, w.host_rung))
         if rung == "group":  # the VAE is resident throughout
             names = tuple(set(names) | {"vae"})
-        return sum(res.get(n, 0) for n in names)
+        return sum(res.get(n, 0) for n in names)  # "transformer": one expert computes at a time
 
-    stages = [StageEstimate("text", on_device("text_encoder"), text_activation_bytes(arch, w) + extra)]
+    stages = [StageEstimate("text", on_device("text", "text_encoder"), text_activation_bytes(arch, w) + extra)]
     if "image_encoder" in sizes:
-        stages.append(
-            StageEstimate("image", on_device("image_encoder"), image_encoder_activation_bytes(arch, w) + embeds + extra)
-        )
+        stages.append(StageEstimate("image", on_device("image", "image_encoder"),
+                                    image_encoder_activation_bytes(arch, w) + embeds + extra))
     if encodes:
         # model offload: the VAE's hook only offloads the transformer before it, so the encoder that ran
         # last (text or image) is still on the GPU while the VAE encodes
         before = "image_encoder" if "image_encoder" in sizes else "text_encoder"
         names = ("vae", before) if rung == "model" else ("vae",)
-        stages.append(StageEstimate("encode", on_device(*names), encode_activation_bytes(arch, w, backend) + embeds + extra))
+        stages.append(StageEstimate("encode", on_device("encode", *names),
+                                    encode_activation_bytes(arch, w, backend) + embeds + extra))
     # model offload: the VAE stays on the GPU through denoising once it has encoded
     names = ("transformer", "vae") if (rung == "model" and encodes) else ("transformer",)
-    stages.append(StageEstimate("denoise", on_device(*names), denoise_activation_bytes(arch, w) + embeds + extra))
-    stages.append(StageEstimate("decode", on_device("vae"), decode_activation_bytes(arch, w, backend) + extra))
+    stages.append(StageEstimate("denoise", on_device("denoise", *names), denoise_activation_bytes(arch, w) + embeds + extra))
+    stages.append(StageEstimate("decode", on_device("decode", "vae"), decode_activation_bytes(arch, w, backend) + extra))
+    host = host_stages(arch, w, rung, sizes, tuple(s.name for s in stages)) if backend == "cuda" else tuple(stages)
+    return Estimate(asked, backend, tuple(stages), sizes, host, w.host_rung)
 
-    # host side on CUDA: the decoded frames (uint8) and a float32 copy of the latents saved to disk
-    host_extra = w.frames * 3 * w.height * w.width + lat + CPU_RUNTIME_BYTES
-    return Estimate(rung, backend, tuple(stages), sizes, host_extra)
+
+def disk_bytes_needed(arch: ModelArch, w: Workload) -> int:
+    """Free disk the disk rung writes: every expert's transformer weights at their stored precision."""
+    sizes = component_bytes(arch, w)
+    return sum(sizes[c] for c in TRANSFORMERS if c in sizes)

@@ -9,6 +9,16 @@ Rungs, fastest first:
   chunks    decode chunks halved, from the family's own chunk (CogVideoX 2 latent frames, Wan 1) down to
             one latent frame. Wan has no chunk rung: its VAE already decodes one latent frame at a time.
 
+  host      for host RAM, after the GPU's (configs/schema.py HOST_RUNGS, fastest first), each keeping the
+            measures above it except where said: ram (everything in RAM at the model's dtype) ->
+            text-encoder-first (the prompt is encoded first and the text encoder freed before the rest
+            loads) -> one-expert (two-expert models only: one expert in RAM at a time, the second loaded at
+            the switch) -> low-precision (transformer weights stored in RAM at fp8) -> disk (the
+            transformers' block groups streamed from files under $FITVIDEO_HOME, on top of any offload rung:
+            vram_utils/offload.py; bf16 as loaded, so without low-precision; one expert at a time, so that a
+            load that materialises an expert before writing its files holds one, not two).
+            The planner searches them (`host_rungs`); the plan carries their flags (`host_flags`).
+
 A rung that would change nothing is not a rung: tiling on (or a halving) whose tiles still cover the
 frame is skipped, and so is a chunk rung at one latent frame. Every step goes strictly down, so a run
 that keeps stepping never tries a rung twice: the planner searches the decode rungs before a run
@@ -23,12 +33,63 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from configs.schema import OFFLOADS, DecodeSettings, Offload, Plan
+from configs.schema import HOST_RUNGS, OFFLOADS, DecodeSettings, HostRung, Offload, Plan, Quant
 
 TILE_FLOOR_PX = 64  # smaller tiles see too little context for a clean seam and cost more in seams than they save
 OFFLOAD_RUNGS: tuple[Offload, ...] = OFFLOADS  # type: ignore[assignment]  # fastest first
 RungKind = Literal["offload", "tiling", "tiles", "chunks"]
 Stage = Literal["loading", "encoding", "denoising", "decoding"]
+
+
+@dataclass(frozen=True)
+class HostMeasures:
+    """What a host rung does to the run (cumulative down the host rungs, see the module docstring)."""
+
+    release_text_encoder: bool = False
+    one_expert: bool = False
+    low_precision: bool = False  # transformer weights stored as fp8 (quant "fp8-storage")
+    disk: bool = False
+
+
+HOST_MEASURES: dict[str, HostMeasures] = {
+    "ram": HostMeasures(),
+    "text-encoder-first": HostMeasures(release_text_encoder=True),
+    "one-expert": HostMeasures(release_text_encoder=True, one_expert=True),
+    "low-precision": HostMeasures(release_text_encoder=True, one_expert=True, low_precision=True),
+    "disk": HostMeasures(release_text_encoder=True, one_expert=True, disk=True),
+}
+HOST_RUNG_TEXT = {  # one line each, for the plan's reasons
+    "ram": "every component in RAM at the model's dtype",
+    "text-encoder-first": "the prompt encoded first and the text encoder freed before the transformer loads",
+    "one-expert": "one expert in RAM at a time (the low-noise expert loads at the switch, the first is freed)",
+    "low-precision": "transformer weights stored in RAM at fp8 (cast to the compute dtype layer by layer)",
+    "disk": "transformer weights streamed from disk, one block group at a time (group offload to files)",
+}
+assert tuple(HOST_MEASURES) == HOST_RUNGS
+
+
+def host_rungs(experts: int, quant: Quant) -> tuple[HostRung, ...]:
+    """The host rungs that change something for this model, fastest first: one-expert only for a two-expert
+    model, low-precision only when the weights are not already quantized."""
+    out = []
+    for rung in HOST_RUNGS:
+        m = HOST_MEASURES[rung]
+        if (rung == "one-expert" and experts < 2) or (m.low_precision and quant != "none"):
+            continue
+        out.append(rung)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def host_flags(rung: HostRung, experts: int) -> dict:
+    """The Plan fields a host rung sets (the runner and apply_plan read these, never the rung's name)."""
+    if rung not in HOST_MEASURES:
+        raise ValueError(f"host_rung={rung!r} is not allowed; choose one of {', '.join(HOST_RUNGS)}")
+    m = HOST_MEASURES[rung]
+    flags = dict(host_rung=rung, release_text_encoder=m.release_text_encoder, disk_offload=m.disk,
+                 experts_in_ram=0 if experts < 2 else (1 if m.one_expert else 2))
+    if m.low_precision:
+        flags["quant"] = "fp8-storage"
+    return flags
 
 
 @dataclass(frozen=True)

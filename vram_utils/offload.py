@@ -8,6 +8,17 @@ Rungs (DESIGN.md, fastest first):
               only fires through forward(), which decode() never calls
   sequential  leaf-level group offloading with CUDA streams (the smallest footprint)
 
+The host-RAM disk rung (`plan.disk_offload`) sits on top of any of them: the transformer (and
+`transformer_2`) is group-offloaded block by block to safetensors files under
+`$FITVIDEO_HOME/offload/<weights key>` (diffusers' `offload_to_disk_path`), so host RAM holds one block at a
+time instead of the whole model. A later run with the same weights reuses the files. How it composes with
+the plan's GPU rung for the other components (diffusers cannot mix group offload with model offload):
+  none + disk        the other components resident on the execution device
+  model + disk       the other components group-offloaded block by block in RAM (as the group rung)
+  group + disk       the other components as the group rung (VAE resident)
+  sequential + disk  the other components leaf-level; the transformers stay block-level from disk
+Disk groups onload without CUDA streams: the read from disk, not the copy, sets their pace.
+
 Applying is idempotent and safe for modules shared by several cached pipelines:
 each module remembers which pipeline and rung last placed it, and whenever that
 is not this pipeline and this rung, every hook on the pipeline's modules
@@ -21,21 +32,35 @@ everywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
+import os
+import re
+import shutil
+from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from configs.schema import OFFLOADS, Offload, Plan
+from configs.schema import OFFLOADS, Offload, Plan, RequestError
+from vram_utils.sizes import module_bytes
 
 logger = logging.getLogger(__name__)
 
 _PLACED = "_fitvideo_placed"  # (pipeline token, rung, device) stamped on each module we placed
+_DISK = "_fitvideo_disk"  # the folder the disk rung streams a module from
 _TOKEN = "_fitvideo_token"  # a per-pipeline number: unlike id(), never reused by a later pipeline
 _TOKENS = itertools.count(1)
 # diffusers registers group offloading as these named hooks (diffusers.hooks.group_offloading)
 _GROUP_HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+DISK_COMPONENTS = ("transformer", "transformer_2")  # what the disk rung streams from disk
+# Free space the disk rung asks for beyond the weights' bytes: 5 % (safetensors headers are tiny, the rest is
+# slack for a filesystem's block rounding) and 1 GiB left over for the outputs and the OS.
+DISK_MARGIN = 1.05
+DISK_RESERVE_BYTES = 1 << 30
+_DISK_DONE = "fitvideo-offload.json"  # written once every group file is complete; without it a folder is redone
 
 
 def execution_device() -> torch.device:
@@ -65,6 +90,7 @@ def remove_offload_hooks(module: torch.nn.Module) -> None:
     if any(hasattr(m, "_diffusers_hook") for m in module.modules()):
         from diffusers.hooks import HookRegistry
 
+        _restore_disk_weights(module)
         registry = HookRegistry.check_if_exists_or_initialize(module)
         for name in _GROUP_HOOK_NAMES:
             registry.remove_hook(name, recurse=True)
@@ -127,10 +153,16 @@ def _block_path(module: torch.nn.Module) -> list[str]:
     return best.split(".")[:-1] if best else []
 
 
-def _group_offload(module: torch.nn.Module, onload: torch.device, level: str) -> None:
+# Encoders run once per prompt / image: streams would buy them little speed and cost a pinned copy of all their
+# weights in host RAM (2x: 21 GiB for UMT5-XXL), so they are group-offloaded without streams (1x).
+ONCE_PER_RUN = ("text_encoder", "image_encoder")
+
+
+def _group_offload(module: torch.nn.Module, onload: torch.device, level: str, streams: bool) -> None:
+    """Group offloading; `streams` copies on a side stream to overlap compute (a CUDA device only)."""
     from diffusers.hooks import apply_group_offloading
 
-    streams = onload.type == "cuda"  # copies on a side stream overlap compute; needs a CUDA device
+    streams = streams and onload.type == "cuda"
     kwargs = dict(
         onload_device=onload,
         offload_device=torch.device("cpu"),
@@ -147,39 +179,178 @@ def _group_offload(module: torch.nn.Module, onload: torch.device, level: str) ->
     apply_group_offloading(module, **kwargs)
 
 
-def apply_offload_strategy(pipe, strategy: Offload = "model", device: str | torch.device | None = None):
-    """Apply an offload rung: "none" | "model" | "group" | "sequential" (seed 003 API).
+def apply_offload_strategy(
+    pipe, strategy: Offload = "model", device: str | torch.device | None = None, disk_offload: bool = False
+):
+    """Apply an offload rung: "none" | "model" | "group" | "sequential" (seed 003 API), and with
+    `disk_offload` the host-RAM disk rung on top (see the module docstring for how they compose).
 
     `device` is where computation runs (default: the best CUDA GPU, else the CPU). Idempotent; a pipeline
     placed differently before (or whose shared modules another pipeline placed) is un-hooked first.
+    Raises RequestError before anything moves when the disk has too little room for the weights.
     """
     if strategy not in OFFLOADS:
         raise ValueError(f"strategy={strategy!r} is not allowed; choose one of {OFFLOADS}")
     dev = torch.device(device) if device is not None else execution_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
-    stamp = (_token(pipe), strategy, str(dev))
+    rung = f"{strategy}+disk" if disk_offload else strategy
+    stamp = (_token(pipe), rung, str(dev))
     if placed_as(pipe) == stamp[1:]:
-        logger.debug("offload %s on %s already in place", strategy, dev)
+        logger.debug("offload %s on %s already in place", rung, dev)
         return pipe
     remove_all_offload(pipe)
     modules = _modules(pipe)
-    if strategy == "none":
+    disk = {n: m for n, m in modules.items() if n in DISK_COMPONENTS} if disk_offload else {}
+    folders = {name: prepare_disk_folder(module, name) for name, module in disk.items()}  # refuses when short
+    if strategy == "none" and not disk:
         pipe.to(dev)
-    elif strategy == "model":
+    elif strategy == "model" and not disk:
         pipe.enable_model_cpu_offload(device=dev)
     else:
-        level = "block_level" if strategy == "group" else "leaf_level"
-        for name, module in modules.items():
-            if name == "vae" and level == "block_level":
-                module.to(dev)  # resident: see the module docstring
-            else:
-                _group_offload(module, dev, level)
+        _place_modules(modules, dev, strategy, folders)
     pipe.__dict__[_PLACED] = stamp
     for module in modules.values():
         module.__dict__[_PLACED] = stamp
-    logger.info("offload %s on %s applied", strategy, dev)
+    logger.info("offload %s on %s applied%s", rung, dev, "".join(f"; {n} from {f}" for n, f in folders.items()))
     return pipe
+
+
+def _place_modules(modules: dict[str, torch.nn.Module], dev: torch.device, strategy: str, folders: dict) -> None:
+    """Module by module: the disk components from their folders, the others by the rung ("model" becomes
+    block-level groups in RAM: diffusers refuses model offload on a pipeline holding a group-offloaded module)."""
+    level = "leaf_level" if strategy == "sequential" else "block_level"
+    for name, module in modules.items():
+        if name in folders:
+            _disk_offload(module, dev, folders[name])
+        elif strategy == "none" or (name == "vae" and level == "block_level"):
+            module.to(dev)  # resident: see the module docstring
+        else:
+            _group_offload(module, dev, level, streams=name not in ONCE_PER_RUN)
+
+
+# --------------------------------------------------------------------------- the disk rung
+
+
+def offload_root() -> Path:
+    """Where the disk rung keeps weight files: $FITVIDEO_HOME/offload (FITVIDEO_HOME defaults to
+    ~/.cache/fitvideo, as in pipeline_utils.tiny.fitvideo_home, which vram_utils may not import)."""
+    home = Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
+    return home / "offload"
+
+
+def disk_key(module: torch.nn.Module, component: str) -> str:
+    """A folder name that changes whenever the weights do: the model's source, the component, its storage
+    dtypes and quantization, and a hash of the names, shapes and a sample of the values of every tensor.
+    diffusers reuses any group file already present, so a key shared by different weights would load the
+    wrong ones."""
+    source = str(getattr(getattr(module, "config", None), "get", lambda *_: None)("_name_or_path") or "")
+    tensors = dict(module.state_dict(keep_vars=True))
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    quant = "fp8-storage" if any("float8" in d for d in dtypes) else "none"
+    digest = hashlib.sha256(f"{type(module).__name__}|{source}|{component}".encode())
+    for name, t in tensors.items():
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+    for t in tensors.values():  # the first and last 64 values of every tensor: a fused LoRA changes them all
+        if t.device.type != "meta" and t.numel():
+            flat = t.detach().reshape(-1)
+            sample = torch.cat([flat[:64], flat[-64:]]).cpu().contiguous()
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name or type(module).__name__)[-60:]
+    counts = {d: sum(t.numel() for t in tensors.values() if str(t.dtype).removeprefix("torch.") == d) for d in dtypes}
+    main_dtype = max(counts, key=counts.get)
+    return f"{base}-{component}-{main_dtype}-{quant}-{digest.hexdigest()[:12]}"
+
+
+def check_disk_space(folder: Path, needed_bytes: int) -> None:
+    """Refuse (RequestError naming the folder, the bytes needed and free) when the disk holding `folder`
+    has less than `needed_bytes` * DISK_MARGIN + DISK_RESERVE_BYTES free."""
+    probe_at = folder
+    while not probe_at.exists() and probe_at != probe_at.parent:
+        probe_at = probe_at.parent
+    free = shutil.disk_usage(probe_at).free
+    want = int(needed_bytes * DISK_MARGIN) + DISK_RESERVE_BYTES
+    if free < want:
+        raise RequestError(
+            f"weights streamed from disk need {want / 2**30:.2f} GiB free in {folder} "
+            f"({needed_bytes / 2**30:.2f} GiB of weights + 5% + 1 GiB kept free); that disk has "
+            f"{free / 2**30:.2f} GiB free. Free space there or point FITVIDEO_HOME at a disk with more room"
+        )
+
+
+def prepare_disk_folder(module: torch.nn.Module, component: str) -> Path:
+    """The folder the disk rung will stream `module` from, checked before anything is written: a complete
+    folder from an earlier run is reused; an incomplete one (a run stopped while writing) is cleared."""
+    if any(_is_torchao(t) for t in module.parameters()):
+        raise RequestError(
+            f"{component} is quantized with torchao (int8 / fp8), which diffusers cannot write to disk; "
+            "weights streamed from disk allow quant 'none' or 'fp8-storage'"
+        )
+    folder = offload_root() / disk_key(module, component)
+    if (folder / _DISK_DONE).is_file():
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    check_disk_space(folder, module_bytes(module))
+    return folder
+
+
+def _is_torchao(t: torch.Tensor) -> bool:
+    return type(t).__module__.startswith("torchao") or type(getattr(t, "data", t)).__module__.startswith("torchao")
+
+
+def _disk_offload(module: torch.nn.Module, onload: torch.device, folder: Path) -> None:
+    """Block-level groups whose weights live in `folder`: applying writes each group's file (skipped for files
+    already there) and leaves only untouched placeholders in RAM; each forward reads a block, then drops it."""
+    from diffusers.hooks import apply_group_offloading
+
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(
+        onload_device=onload,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        offload_to_disk_path=str(folder),
+    )
+    path = _block_path(module)
+    if path:
+        kwargs["block_modules"] = path
+    apply_group_offloading(module, **kwargs)  # reads each tensor where it lies: no second copy in RAM
+    done = folder / _DISK_DONE
+    if not done.is_file():
+        files = sorted(folder.glob("group_*.safetensors"))
+        done.write_text(json.dumps({"files": len(files), "bytes": sum(f.stat().st_size for f in files)}))
+    module.__dict__[_DISK] = str(folder)
+
+
+def _disk_groups(module: torch.nn.Module) -> list:
+    """diffusers' ModuleGroups under `module` whose weights live on disk, each once."""
+    groups: dict[int, object] = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is not None and group.offload_to_disk_path:
+            groups.setdefault(id(group), group)
+    return list(groups.values())
+
+
+def _restore_disk_weights(module: torch.nn.Module) -> None:
+    """Before the disk hooks go: put the weights back from their files (memory-mapped: the pages are read
+    when used). Without this the module would keep the placeholders the disk rung left in RAM."""
+    import safetensors.torch
+
+    for group in _disk_groups(module):
+        loaded = safetensors.torch.load_file(group.safetensors_file_path, device="cpu")
+        for key, tensor in group.key_to_tensor.items():
+            tensor.data = loaded[key]
+    module.__dict__.pop(_DISK, None)
+
+
+def disk_folder_of(module: torch.nn.Module) -> Path | None:
+    """The folder a module is streamed from by the disk rung, or None."""
+    folder = module.__dict__.get(_DISK)
+    return Path(folder) if folder else None
 
 
 # --------------------------------------------------------------------------- VAE tiling
@@ -236,7 +407,7 @@ def apply_plan(pipe, plan: Plan) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.warning("plan made for %s but no CUDA GPU is here: running on the CPU", plan.device)
         device = torch.device("cpu")
-    apply_offload_strategy(pipe, plan.offload, device)
+    apply_offload_strategy(pipe, plan.offload, device, disk_offload=plan.disk_offload)
     d = plan.decode
     vae = getattr(pipe, "vae", None)
     if vae is None:

@@ -1,24 +1,45 @@
-"""The planner: pick the fastest offload rung whose predicted peak fits, with a reason per choice.
+"""The planner: pick the fastest (offload rung, host rung) whose predicted GPU peak fits the GPU and whose
+predicted host peak fits the RAM, with a reason per choice.
 
 Pure: a request, a model spec and a `DeviceInfo` (from `probe()`, or synthetic in
-tests) in; a `Plan` out. No torch.cuda calls here. `plan()` probes only when it
-is not handed a device.
+tests) in; a `Plan` out. No torch.cuda calls here. `plan()` probes the device and the free disk under
+$FITVIDEO_HOME only when it is not handed them.
 
-Budget: the chosen GPU's free bytes (driver free + our reserved-but-inactive)
-plus `resident_bytes` (what the caller already holds there and will reuse or
-drop, e.g. a cached pipeline's weights), minus a margin for what the estimate
-does not see: a CUDA context not created yet (~0.3-0.5 GiB), caching-allocator
-fragmentation and kernel workspaces. Margin = 512 MiB + 5% of the card.
+Two budgets (DESIGN.md "Memory: the ladder, two budgets"):
+  GPU   the chosen GPU's free bytes (driver free + our reserved-but-inactive) plus `resident_bytes` (what
+        the caller already holds there and will reuse or drop, e.g. a cached pipeline's weights), minus a
+        margin for what the estimate does not see: a CUDA context not created yet (~0.3-0.5 GiB),
+        caching-allocator fragmentation and kernel workspaces. Margin = 512 MiB + 5% of the card.
+  RAM   `host_available_bytes + resident_host_bytes - HOST_MARGIN_BYTES`: what the OS says is available,
+        plus the cache's weights for this run already in RAM (the run needs no second copy), minus 1 GiB for
+        the OS and the app's own growth. Without a GPU it is the only budget.
+
+Search order, fastest first: host rungs outer, offload rungs inner (ram with none, model, group, sequential;
+then text-encoder-first with each; ...). A lower offload rung never needs less RAM (streams pin a copy of
+what they offload), while a lower host rung can let a faster offload rung fit the GPU too (one expert or no
+text encoder beside the transformer); keeping every weight in RAM is the status quo, so it is tried with every
+offload rung first. The disk rung (the transformers' block groups read from files) sits on top of any offload
+rung (vram_utils/offload.py says how they compose) and is searched only when the free disk under
+$FITVIDEO_HOME holds the transformers' weights.
+
+When nothing fits, the plan is the closest pair (fewest bytes over the two budgets) with suggestions (fewer
+frames, a smaller model, INT8, the free disk the disk rung needs). It is refused outright when no pair fits
+the GPU's total memory and the RAM available (`_refusal`): missing free GPU memory is recoverable (an
+out-of-memory steps down the ladder), running out of host RAM is not (the OS kills the app or swaps).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
 
 from configs.schema import (
     DecodeSettings,
     GenerationRequest,
+    HostRung,
     ModelSpec,
     Offload,
     Plan,
@@ -26,8 +47,16 @@ from configs.schema import (
     load_registry,
 )
 from vram_utils.archs import ModelArch, arch_for
-from vram_utils.estimate import GIB, LADDER, MIB, Estimate, Workload, estimate, workload_for
-from vram_utils.ladder import TILE_FLOOR_PX, Ladder, decode_change
+from vram_utils.estimate import GIB, LADDER, MIB, Estimate, Workload, disk_bytes_needed, estimate, workload_for
+from vram_utils.ladder import (
+    HOST_MEASURES,
+    HOST_RUNG_TEXT,
+    TILE_FLOOR_PX,
+    Ladder,
+    decode_change,
+    host_flags,
+    host_rungs,
+)
 from vram_utils.probe import DeviceInfo, GpuInfo, probe
 
 logger = logging.getLogger(__name__)
@@ -35,6 +64,8 @@ logger = logging.getLogger(__name__)
 MARGIN_FIXED_BYTES = 512 * MIB
 MARGIN_FRACTION = 0.05
 HOST_MARGIN_BYTES = 1 * GIB  # the OS and the app's own growth on the host side
+# Free disk the disk rung keeps beyond the files it writes (the outputs and latents of the run go there too).
+DISK_MARGIN_BYTES = 2 * GIB
 MIN_TILE_PX = TILE_FLOOR_PX  # the ladder's one tile floor (vram_utils/ladder.py)
 RUNG_TEXT = {
     "none": "everything on the GPU",
@@ -53,6 +84,19 @@ def gpu_margin_bytes(gpu: GpuInfo) -> int:
     return MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * gpu.total_bytes)
 
 
+def fitvideo_home() -> Path:
+    """Where FitVideo keeps its files ($FITVIDEO_HOME, as pipeline_utils/tiny.py reads it)."""
+    return Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
+
+
+def disk_free_bytes(path: Path | None = None) -> int:
+    """Free bytes on the disk that holds `path` (default $FITVIDEO_HOME; its nearest existing folder)."""
+    p = path or fitvideo_home()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
 # --------------------------------------------------------------------------- decode options
 
 
@@ -68,81 +112,23 @@ def _decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:
     return decode_change(old, new)
 
 
-# --------------------------------------------------------------------------- search
-
-
-@dataclasses.dataclass(frozen=True)
-class _Choice:
-    offload: Offload
-    decode: DecodeSettings
-    est: Estimate
-
-
-def _first_fit(
-    arch: ModelArch, w: Workload, rungs: Iterable[Offload], budget: int, backend: str
-) -> _Choice | None:
-    """The fastest rung (then the least change to decode) whose predicted peak fits `budget`."""
-    for rung in rungs:
-        for d in _decode_options(arch, w):
-            est = estimate(arch, w.replace(decode=d), rung, backend)  # type: ignore[arg-type]
-            if est.peak_device_bytes <= budget:
-                return _Choice(rung, d, est)
-    return None
-
-
-def _smallest(arch: ModelArch, w: Workload, rung: Offload, backend: str) -> _Choice:
-    d = _decode_options(arch, w)[-1]
-    return _Choice(rung, d, estimate(arch, w.replace(decode=d), rung, backend))  # type: ignore[arg-type]
-
-
-def _fewer_frames(spec: ModelSpec, arch: ModelArch, w: Workload, rungs, budget: int, backend: str) -> tuple[int, _Choice] | None:
-    """The largest frame count below the request's that fits, respecting the family's frame rule."""
-    f = spec.snap_frames(w.frames)
-    if f >= w.frames:
-        f -= spec.frame_step
-    while f >= 1:
-        choice = _first_fit(arch, w.replace(frames=f), rungs, budget, backend)
-        if choice is not None:
-            return f, choice
-        f -= spec.frame_step
-    return None
-
-
-def _smaller_model(spec: ModelSpec, w: Workload, rungs, budget: int, backend: str) -> tuple[str, _Choice] | None:
-    """The largest registry model for the same task, smaller than this one, that fits at its defaults."""
-    mine = arch_for(spec).transformer.params
-    candidates = []
-    for other in load_registry().values():
-        if other.tiny or other.id == spec.id or w.task not in other.tasks:
-            continue
-        other_arch = arch_for(other)
-        if other_arch.transformer.params >= mine:
-            continue
-        candidates.append((other.family != spec.family, -other_arch.transformer.params, other, other_arch))
-    for _, _, other, other_arch in sorted(candidates, key=lambda c: c[:2]):
-        h, wd = other.default_resolution
-        ow = w.replace(frames=other.default_frames, height=h, width=wd, dtype_bytes=2 if other.default_dtype != "float32" else 4)
-        choice = _first_fit(other_arch, ow, rungs, budget, backend)
-        if choice is not None:
-            return other.id, choice
-    return None
-
-
-# --------------------------------------------------------------------------- plan
+# --------------------------------------------------------------------------- target and search
 
 
 @dataclasses.dataclass
 class _Target:
-    """Where a plan runs and what it may use: the device, its budget, the rungs it may search, and the
-    reasons collected so far (one planning pass; not shared)."""
+    """Where a plan runs and what it may use: the device and its budget, the host budget and free disk, the
+    rungs it may search, and the reasons collected so far (one planning pass; not shared)."""
 
     backend: str  # "cuda" or "cpu"
-    budget: int
+    budget: int  # the computing device's (host RAM on the CPU backend)
     rungs: tuple[Offload, ...]
     where: str  # for a person: "GPU0 (name)" or "host RAM"
     device_name: str  # "cuda:<index>" or "cpu"
     gpu: GpuInfo | None
     reasons: list[str]
+    host_budget: int = 0
+    disk_free: int | None = None  # None: not checked, the disk rung is not offered
 
     @property
     def search_rungs(self) -> tuple[Offload, ...]:
@@ -152,35 +138,157 @@ class _Target:
     def rung_text(self, offload: Offload) -> str:
         return RUNG_TEXT[offload] if self.backend == "cuda" else "the CPU run"
 
+    def fits(self, est: Estimate) -> bool:
+        return est.peak_device_bytes <= self.budget and est.peak_host_bytes <= self.host_budget
 
-def _target(request: GenerationRequest, device: DeviceInfo, resident_bytes: int) -> _Target:
-    """The device a run goes to, its budget (free bytes + what the caller already holds there - margin)."""
+
+@dataclasses.dataclass(frozen=True)
+class _Choice:
+    offload: Offload
+    decode: DecodeSettings
+    est: Estimate
+    host_rung: HostRung = "ram"
+
+    @property
+    def quant(self) -> str:
+        return "fp8-storage" if HOST_MEASURES[self.host_rung].low_precision else ""
+
+
+def _host_workload(w: Workload, host_rung: HostRung) -> Workload:
+    low = HOST_MEASURES[host_rung].low_precision
+    return w.replace(host_rung=host_rung, quant="fp8-storage" if low else w.quant)
+
+
+def _disk_ok(arch: ModelArch, w: Workload, t: _Target) -> bool:
+    return t.disk_free is not None and t.disk_free >= disk_bytes_needed(arch, w) + DISK_MARGIN_BYTES
+
+
+def _pairs(arch: ModelArch, w: Workload, t: _Target, rungs, any_disk: bool = False) -> Iterator[tuple[Offload, Workload]]:
+    """(offload rung, workload at a host rung), fastest first (module docstring); `any_disk` offers the
+    disk rung whatever the free disk (to say what it would need)."""
+    for host in host_rungs(arch.experts, w.quant):
+        hw = _host_workload(w, host)
+        disk = HOST_MEASURES[host].disk
+        if disk and not (any_disk or _disk_ok(arch, hw, t)):
+            continue
+        for rung in rungs:
+            yield rung, hw
+
+
+def _first_fit(arch: ModelArch, w: Workload, t: _Target, rungs=None, any_disk: bool = False) -> _Choice | None:
+    """The fastest pair (then the least change to decode) whose GPU and host peaks both fit."""
+    for rung, hw in _pairs(arch, w, t, rungs or t.rungs, any_disk):
+        for d in _decode_options(arch, hw):
+            est = estimate(arch, hw.replace(decode=d), rung, t.backend)  # type: ignore[arg-type]
+            if t.fits(est):
+                return _Choice(rung, d, est, hw.host_rung)
+    return None
+
+
+def _smallest(arch: ModelArch, w: Workload, rung: Offload, backend: str) -> _Choice:
+    """`rung` with every weight in RAM and the smallest decode (what the reasons compare against)."""
+    d = _decode_options(arch, w)[-1]
+    return _Choice(rung, d, estimate(arch, w.replace(decode=d), rung, backend))  # type: ignore[arg-type]
+
+
+def _lowest(arch: ModelArch, w: Workload, t: _Target) -> _Choice:
+    """When nothing fits: the pair and decode that miss the two budgets by the fewest bytes together, the
+    fastest of equals (smaller tiles save GPU memory but park more causal caches in RAM, so the smallest decode
+    is not always the closest)."""
+    best: tuple[int, _Choice] | None = None
+    for r, hw in _pairs(arch, w, t, t.rungs):
+        for d in _decode_options(arch, hw):
+            est = estimate(arch, hw.replace(decode=d), r, t.backend)  # type: ignore[arg-type]
+            miss = max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget)
+            if best is None or miss < best[0]:
+                best = (miss, _Choice(r, d, est, hw.host_rung))
+    assert best is not None  # the "ram" host rung is always searched
+    return best[1]
+
+
+def _fewer_frames(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> tuple[int, _Choice] | None:
+    """The largest frame count below the request's that fits, respecting the family's frame rule."""
+    f = spec.snap_frames(w.frames)
+    if f >= w.frames:
+        f -= spec.frame_step
+    while f >= 1:
+        choice = _first_fit(arch, w.replace(frames=f), t, t.search_rungs)
+        if choice is not None:
+            return f, choice
+        f -= spec.frame_step
+    return None
+
+
+def _smaller_model(spec: ModelSpec, w: Workload, t: _Target) -> tuple[str, _Choice] | None:
+    """The largest registry model for the same task, smaller than this one, that fits at its defaults."""
+    mine = arch_for(spec).transformer.params * arch_for(spec).experts
+    candidates = []
+    for other in load_registry().values():
+        if other.tiny or other.id == spec.id or w.task not in other.tasks:
+            continue
+        other_arch = arch_for(other)
+        size = other_arch.transformer.params * other_arch.experts
+        if size >= mine:
+            continue
+        candidates.append((other.family != spec.family, -size, other, other_arch))
+    for _, _, other, other_arch in sorted(candidates, key=lambda c: c[:2]):
+        h, wd = other.default_resolution
+        ow = w.replace(frames=other.default_frames, height=h, width=wd, dtype_bytes=2 if other.default_dtype != "float32" else 4)
+        choice = _first_fit(other_arch, ow, t, t.search_rungs)
+        if choice is not None:
+            return other.id, choice
+    return None
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _target(request: GenerationRequest, device: DeviceInfo, resident_bytes: int, resident_host_bytes: int,
+            disk_free: int | None) -> _Target:
+    """The device a run goes to, its budget (free bytes + what the caller already holds there - margin),
+    and the host budget."""
     requested = request.offload
     gpu = device.best_gpu if device.cuda else None
-    if gpu is None:
-        budget = max(0, device.host_available_bytes + resident_bytes - HOST_MARGIN_BYTES)
+    if gpu is None:  # the CPU computes: the caller's resident bytes are host bytes
+        budget = max(0, device.host_available_bytes + max(resident_bytes, resident_host_bytes) - HOST_MARGIN_BYTES)
         rungs = ("none",) if requested == "auto" else (requested,)
         why = ("offload none: no CUDA GPU: running on the CPU" if requested == "auto"
                else f"offload {requested}: as requested (no CUDA GPU: it onloads to the CPU)")
-        return _Target("cpu", budget, rungs, "host RAM", "cpu", None, [why])  # type: ignore[arg-type]
+        return _Target("cpu", budget, rungs, "host RAM", "cpu", None, [why], budget, disk_free)  # type: ignore[arg-type]
     budget = max(0, gpu.free_bytes + resident_bytes - gpu_margin_bytes(gpu))
+    host_budget = max(0, device.host_available_bytes + resident_host_bytes - HOST_MARGIN_BYTES)
     rungs = LADDER if requested == "auto" else (requested,)
-    return _Target("cuda", budget, rungs, f"GPU{gpu.index} ({gpu.name})", f"cuda:{gpu.index}", gpu, [])  # type: ignore[arg-type]
+    return _Target("cuda", budget, rungs, f"GPU{gpu.index} ({gpu.name})", f"cuda:{gpu.index}", gpu, [],  # type: ignore[arg-type]
+                   host_budget, disk_free)
+
+
+def _peaks(est: Estimate, t: _Target) -> str:
+    """"GPU a of b, RAM c of d" (the CPU backend: RAM only)."""
+    ram = f"RAM {gib(est.peak_host_bytes)} of {gib(t.host_budget)}"
+    return f"GPU {gib(est.peak_device_bytes)} of {gib(t.budget)}, {ram}" if t.backend == "cuda" else ram
 
 
 def _suggest(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> tuple[int | None, str | None]:
-    """When nothing fits: the largest frame count, a smaller model and INT8 weights that would, as reasons."""
-    fewer = _fewer_frames(spec, arch, w, t.search_rungs, t.budget, t.backend)
+    """When nothing fits: the largest frame count, a smaller model, INT8 weights and the disk rung that
+    would, as reasons."""
+    fewer = _fewer_frames(spec, arch, w, t)
     if fewer is not None:
         rung = RUNG_TEXT[fewer[1].offload] if t.backend == "cuda" else "CPU"
-        t.reasons.append(f"suggestion: {fewer[0]} frames fit ({rung}, predicted {gib(fewer[1].est.peak_device_bytes)})")
-    smaller = _smaller_model(spec, w, t.search_rungs, t.budget, t.backend)
+        t.reasons.append(f"suggestion: {fewer[0]} frames fit ({rung}, {_peaks(fewer[1].est, t)})")
+    smaller = _smaller_model(spec, w, t)
     if smaller is not None:
-        t.reasons.append(f"suggestion: {smaller[0]} fits at its defaults (predicted {gib(smaller[1].est.peak_device_bytes)})")
+        t.reasons.append(f"suggestion: {smaller[0]} fits at its defaults ({_peaks(smaller[1].est, t)})")
     if w.quant == "none" and t.backend == "cuda":
-        q = _first_fit(arch, w.replace(quant="int8"), LADDER, t.budget, t.backend)
+        q = _first_fit(arch, w.replace(quant="int8"), t, LADDER)
         if q is not None:
-            t.reasons.append(f"suggestion: INT8 weights fit ({RUNG_TEXT[q.offload]}, predicted {gib(q.est.peak_device_bytes)})")
+            t.reasons.append(f"suggestion: INT8 weights fit ({RUNG_TEXT[q.offload]}, {_peaks(q.est, t)})")
+    if not _disk_ok(arch, w, t):
+        disk = _first_fit(arch, w, t, t.search_rungs, any_disk=True)
+        if disk is not None and HOST_MEASURES[disk.host_rung].disk:
+            have = "was not checked" if t.disk_free is None else f"has {gib(t.disk_free)} free"
+            t.reasons.append(f"suggestion: the disk rung fits ({_peaks(disk.est, t)}) but needs "
+                             f"{gib(disk_bytes_needed(arch, w) + DISK_MARGIN_BYTES)} free disk under "
+                             f"{fitvideo_home()}; it {have}")
     return (fewer[0] if fewer else None), (smaller[0] if smaller else None)
 
 
@@ -198,6 +306,19 @@ def _rung_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice, auto
             f"after a {gib(gpu_margin_bytes(t.gpu))} margin{why}")
 
 
+def _host_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice) -> str:
+    """The host rung in one line: what it does, its host peak against the RAM budget, what faster ones need."""
+    rungs = host_rungs(arch.experts, w.quant)
+    faster = rungs[: rungs.index(choice.host_rung)]
+    needs = []
+    for host in faster:
+        hw = _host_workload(w, host).replace(decode=choice.decode)
+        needs.append(f"{host} {gib(estimate(arch, hw, choice.offload, t.backend).peak_host_bytes)}")  # type: ignore[arg-type]
+    why = f"; faster host rungs need more ({', '.join(needs)})" if needs else ""
+    return (f"host RAM {choice.host_rung}: {HOST_RUNG_TEXT[choice.host_rung]}; predicted {gib(choice.est.peak_host_bytes)} "
+            f"in {gib(t.host_budget)} available after a {gib(HOST_MARGIN_BYTES)} margin{why}")
+
+
 def _decode_reason(asked: DecodeSettings, chosen: DecodeSettings) -> str:
     change = _decode_change(asked, chosen)
     if change:
@@ -206,78 +327,97 @@ def _decode_reason(asked: DecodeSettings, chosen: DecodeSettings) -> str:
     return f"decode: VAE tiling {tiling} as set"
 
 
-def _refusal(spec: ModelSpec, w: Workload, t: _Target, choice: _Choice, device: DeviceInfo,
+def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: DeviceInfo,
              hints: tuple[int | None, str | None]) -> str:
-    """Why a run that needs more than the device has in all, even empty, is refused ("" when it is not).
-
-    Estimates carry margins, so a run that only misses the free memory is still tried."""
-    total = t.gpu.total_bytes if t.gpu is not None else device.host_total_bytes
-    need = choice.est.peak_device_bytes
-    if need <= total:
+    """Why a run is refused ("" when it is not): no pair fits the GPU's total memory and the RAM available
+    (free disk aside: the suggestions say what it needs). Estimates carry margins and a GPU out-of-memory steps
+    down the ladder, so a run that only misses the free GPU memory is still tried; running out of host RAM
+    gets the app killed or the computer swapping, so on a GPU machine a run the RAM cannot hold is refused.
+    Without a GPU (RAM is the computing device, and the torch allocator's failure is recoverable) the bound
+    stays the RAM in all."""
+    gpu_total = t.gpu.total_bytes if t.gpu is not None else device.host_total_bytes
+    host_bound = t.host_budget if t.backend == "cuda" else device.host_total_bytes
+    empty = dataclasses.replace(t, budget=gpu_total, host_budget=host_bound, reasons=[])
+    if _first_fit(arch, w, empty, any_disk=True) is not None:
         return ""
+    closest = _lowest(arch, w, empty)
     frames, model = hints
     hint = (f"; {frames} frames would fit" if frames else "") + (f"; {model} fits at its defaults" if model else "")
-    return (
-        f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner "
-        f"predicts {gib(need)} at its lowest setting ({t.rung_text(choice.offload)}), and {t.where} has "
-        f"{gib(total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}"
-    )
+    head = f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner predicts"
+    need, host_need = closest.est.peak_device_bytes, closest.est.peak_host_bytes
+    if t.backend == "cpu":
+        return (f"{head} {gib(need)} at its lowest setting ({t.rung_text(closest.offload)}), and {t.where} has "
+                f"{gib(gpu_total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}")
+    return (f"{head} GPU {gib(need)} and RAM {gib(host_need)} at its closest setting ({t.rung_text(closest.offload)}, "
+            f"host {closest.host_rung}), and {t.where} has {gib(gpu_total)} in all, the computer {gib(host_bound)} of "
+            f"RAM available after the margin. Allowed: a size, frame count or model whose estimate fits{hint}")
+
+
+def _summary(choice: _Choice, t: _Target, fits: bool) -> str:
+    est = choice.est
+    tiling = "on" if choice.decode.enable_vae_tiling else "off"
+    return (f"offload {choice.offload}, host {choice.host_rung}, tiling {tiling}, peak {_peaks(est, t)}"
+            + ("" if fits else " (does not fit)"))
 
 
 def plan_for(
-    request: GenerationRequest, spec: ModelSpec, device: DeviceInfo, resident_bytes: int = 0
+    request: GenerationRequest, spec: ModelSpec, device: DeviceInfo, resident_bytes: int = 0,
+    resident_host_bytes: int = 0, disk_free: int | None = None,
 ) -> Plan:
-    """The plan for `request` on `device` (pure)."""
-    # 1. What the run computes, on which architecture, on which device with which budget.
+    """The plan for `request` on `device` (pure). `resident_host_bytes`: the cache's weights for this run
+    already in RAM; `disk_free`: free bytes under $FITVIDEO_HOME (None: not checked, no disk rung)."""
+    # 1. What the run computes, on which architecture, on which device with which budgets.
     w, arch = workload_for(request, spec), arch_for(spec)
-    t = _target(request, device, resident_bytes)
+    t = _target(request, device, resident_bytes, resident_host_bytes, disk_free)
     if arch.note:
         t.reasons.insert(0, f"estimate: {arch.note}")
 
-    # 2. The fastest rung (then the least change to the decode) that fits; else the lowest, with suggestions.
-    choice = _first_fit(arch, w, t.rungs, t.budget, t.backend)
+    # 2. The fastest pair (then the least change to the decode) that fits both; else the lowest, with suggestions.
+    choice = _first_fit(arch, w, t)
     fits = choice is not None
     hints: tuple[int | None, str | None] = (None, None)
     if choice is None:
-        choice = _smallest(arch, w, t.rungs[-1], t.backend)
-        t.reasons.append(f"nothing fits: even {t.rung_text(choice.offload)} needs "
-                         f"{gib(choice.est.peak_device_bytes)}, {t.where} has {gib(t.budget)} to spare")
+        choice = _lowest(arch, w, t)
+        t.reasons.append(f"nothing fits: the closest, {t.rung_text(choice.offload)} with host {choice.host_rung}, "
+                         f"predicts {_peaks(choice.est, t)}")
         hints = _suggest(spec, arch, w, t)
     else:
         t.reasons.append(_rung_reason(arch, w, t, choice, request.offload == "auto"))
 
-    # 3. Why, for the rest: the decode, the host RAM on a GPU machine, the precision.
+    # 3. Why, for the rest: the host RAM, the decode, the precision.
     est = choice.est
+    if t.backend == "cuda" or choice.host_rung != "ram":
+        t.reasons.append(_host_reason(arch, w, t, choice))
     t.reasons.append(_decode_reason(w.decode, choice.decode))
-    if t.backend == "cuda":
-        host_budget = device.host_available_bytes + device.process_rss_bytes - HOST_MARGIN_BYTES
-        if est.peak_host_bytes > host_budget:
-            t.reasons.append(f"warning: host RAM may be short: the weights need {gib(est.peak_host_bytes)} in RAM, "
-                             f"{gib(host_budget)} is available")
+    quant = choice.quant or w.quant
     if w.quant != "none":
         t.reasons.append(f"precision: {w.quant} transformer weights, as set")
-    refused = "" if fits else _refusal(spec, w, t, choice, device, hints)
+    refused = "" if fits else _refusal(spec, arch, w, t, device, hints)
     if refused:
         t.reasons.insert(0, f"refused: {refused}")
 
     # 4. The plan.
-    summary = (f"offload {choice.offload}, tiling {'on' if choice.decode.enable_vae_tiling else 'off'}, "
-               f"peak {'GPU' if t.backend == 'cuda' else 'RAM'} {gib(est.peak_device_bytes)}"
-               + ("" if fits else " (does not fit)"))
+    flags = host_flags(choice.host_rung, arch.experts)
+    flags.pop("quant", None)
     return Plan(
-        offload=choice.offload, quant=w.quant, decode=choice.decode,
+        offload=choice.offload, quant=quant, decode=choice.decode,  # type: ignore[arg-type]
         predicted_peak_gpu_bytes=est.peak_gpu_bytes, predicted_peak_host_bytes=est.peak_host_bytes,
-        stages=est.stage_dict(), reasons=tuple(t.reasons), summary=summary, device=t.device_name, fits=fits,
-        budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0], suggested_model=hints[1],
-        refused=refused,
+        stages=est.stage_dict(), reasons=tuple(t.reasons), summary=_summary(choice, t, fits), device=t.device_name,
+        fits=fits, budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0],
+        suggested_model=hints[1], refused=refused, host_stages=est.host_stage_dict(), host_budget_bytes=t.host_budget,
+        **flags,
     )
 
 
 def plan(
-    request: GenerationRequest, spec: ModelSpec, device: DeviceInfo | None = None, resident_bytes: int = 0
+    request: GenerationRequest, spec: ModelSpec, device: DeviceInfo | None = None, resident_bytes: int = 0,
+    resident_host_bytes: int = 0, disk_free: int | None = None,
 ) -> Plan:
-    """Plan a run. `device` defaults to `probe()` of this machine; everything after that is pure."""
-    result = plan_for(request, spec, device if device is not None else probe(), resident_bytes)
+    """Plan a run. `device` defaults to `probe()` of this machine and `disk_free` to the free disk under
+    $FITVIDEO_HOME; everything after that is pure."""
+    free = disk_free if disk_free is not None else disk_free_bytes()
+    result = plan_for(request, spec, device if device is not None else probe(), resident_bytes,
+                      resident_host_bytes, free)
     logger.info("plan for %s %s: %s", spec.id, request.task, result.summary)
     for reason in result.reasons:
         logger.debug("  %s", reason)
