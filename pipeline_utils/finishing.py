@@ -115,3 +115,25 @@ def write_finish_sidecar(src: Path, result) -> Path:
         versions=versions(), created=Sidecar(video="", request=base.request).created,
     )
     return record.write(sidecar_path(out))
+
+
+def with_finishing(plan, req: GenerationRequest):
+    """The plan with the upscale step as a stage of its own: the upscaler's weights (fp16 on a GPU, float32 on
+    the CPU; none for Lanczos) plus one tile's activations and the output frame (postprocess.upscale
+    `predicted_peak_bytes`), on the device that computes, with a reason. Interpolation runs in ffmpeg, outside."""
+    from postprocess.upscale import DEFAULT_TILE_PX, UPSCALERS, predicted_peak_bytes, resolve_upscaler
+
+    step = next((s for s in steps_from_request(req) if s.step == "upscale"), None)
+    if step is None:
+        return plan
+    choice = resolve_upscaler(step.factor, step.method, step.weights)
+    on_gpu = plan.device.startswith("cuda")
+    weights = 0 if choice.path is None else UPSCALERS[step.factor].params * (2 if on_gpu else 4)
+    peak = predicted_peak_bytes(weights, DEFAULT_TILE_PX, (req.height, req.width), step.factor)
+    name = f"upscale x{step.factor}"
+    reason = (f"finishing: {name} with {choice.label}, predicted {peak / 2**20:.0f} MiB "
+              f"(weights + one {DEFAULT_TILE_PX} px tile); the pipeline's weights are released by then")
+    changes = dict(stages={**plan.stages, name: peak}, reasons=(*plan.reasons, reason))
+    if not on_gpu and plan.host_stages:
+        changes["host_stages"] = {**plan.host_stages, name: peak}
+    return plan.replace(**changes)

@@ -153,13 +153,17 @@ class Runner:
 
     def plan(self, request: GenerationRequest, device: "vram_utils.DeviceInfo | None" = None) -> Plan:
         """The memory plan for a resolved request here, counting the weights the pipeline cache already
-        holds for it on the device as available (a second run of a cached model needs no second copy)."""
+        holds for it on the device as available (a second run of a cached model needs no second copy), with
+        an upscale finishing step as a stage of its own (pipeline_utils/finishing.py)."""
+        from pipeline_utils.finishing import with_finishing
+
         spec = get_model_spec(request.model)
         info = device if device is not None else vram_utils.probe()
         device_type = "cuda" if info.cuda and info.gpus else "cpu"
         resident = self.cache.resident_bytes(request.model, request.task, request.quant, device_type)
         resident_host = self.cache.resident_bytes(request.model, request.task, request.quant, "cpu")  # RAM budget
-        return vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
+        plan = vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
+        return with_finishing(plan, request)
 
     def generate(
         self,

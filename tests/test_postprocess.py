@@ -189,3 +189,29 @@ def test_spandrel_import_leaves_no_stand_in_torchvision_behind():
     module = sys.modules.get("torchvision")
     assert module is None or module.__spec__ is not None
     importlib.util.find_spec("torchvision")  # raises ValueError on a stand-in without a spec
+
+
+def test_the_plan_counts_the_upscaler_as_a_stage(tmp_path, monkeypatch, tiny_models):
+    import json
+
+    import postprocess.upscale as up
+    from configs.schema import GenerationRequest, Plan, resolve_request
+    from pipeline_utils.cache import PipelineCache
+    from pipeline_utils.finishing import with_finishing
+    from pipeline_utils.runner import Runner
+
+    req = resolve_request(GenerationRequest(model="tiny-cogvideox", task="t2v", prompt="a cat", frames=9, height=32,
+                                            width=32, steps=2, upscale=2))
+    # No weights here: Lanczos, no weights in the stage; with the Real-ESRGAN file found, its weights count.
+    lanczos = with_finishing(Plan(device="cpu", stages={"denoise": 1}), req)
+    assert lanczos.stages["upscale x2"] == up.predicted_peak_bytes(0, up.DEFAULT_TILE_PX, (32, 32), 2)
+    assert "lanczos (no model)" in lanczos.reasons[-1]
+    monkeypatch.setattr(up, "cached_weights", lambda spec: write_random_esrgan(tmp_path / "x2.safetensors", 2))
+    learned = with_finishing(Plan(device="cuda:0", stages={"denoise": 1}), req)
+    weights_fp16 = up.UPSCALERS[2].params * 2
+    assert learned.stages["upscale x2"] == up.predicted_peak_bytes(weights_fp16, up.DEFAULT_TILE_PX, (32, 32), 2)
+    assert with_finishing(Plan(), req.replace(upscale=0)) == Plan()  # no upscale, no stage
+    # A run's sidecar keeps the stage (Lanczos here: the random file is not what `auto` finds offline)
+    monkeypatch.undo()
+    result = Runner(PipelineCache(max_size=2), outputs_dir=tmp_path / "out").generate(req)
+    assert "upscale x2" in json.loads(result.sidecar_path.read_text())["plan"]["stages"]
