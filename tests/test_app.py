@@ -189,7 +189,8 @@ def test_model_list_says_what_is_here_and_what_a_download_costs(monkeypatch, tmp
     # Only models that serve the task are listed.
     assert {s.model for s in model_statuses("i2v")} == {
         "THUDM/CogVideoX-5b-I2V", "THUDM/CogVideoX1.5-5B-I2V", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
-        "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "tiny-cogvideox", "tiny-wan",
+        "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "tiny-cogvideox", "tiny-wan", "tiny-wan-moe",
     }
 
 
