@@ -164,7 +164,9 @@ def release(cuda: bool) -> None:
 
 def capped_device(cap_bytes: int, cuda: bool):
     """A DeviceInfo whose GPU holds `cap_bytes`. On CUDA the cap is real: the caching allocator refuses to
-    reserve past it. On the CPU it is a card on paper, for the (pure) planner."""
+    reserve past it, and the host RAM is this machine's. On the CPU it is a card on paper, for the (pure)
+    planner, on a machine with plenty of RAM (128 GiB), so that the GPU cap alone picks the rung the README's
+    GPU table names (the host RAM here changes from one moment to the next)."""
     import torch
 
     import vram_utils
@@ -179,6 +181,8 @@ def capped_device(cap_bytes: int, cuda: bool):
         capability = torch.cuda.get_device_capability(0)
     gpu = vram_utils.GpuInfo(0, f"{name} capped at {cap_bytes / GIB:g} GiB", cap_bytes, used, cap_bytes - used, 0, 0,
                              capability)
+    if not cuda:
+        return vram_utils.DeviceInfo(True, (gpu,), 128 * GIB, 128 * GIB, host.process_rss_bytes)
     return vram_utils.DeviceInfo(True, (gpu,), host.host_total_bytes, host.host_available_bytes, host.process_rss_bytes)
 
 

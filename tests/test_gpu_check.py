@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after the project root: a bench file must never shadow a package
 import gpu_check  # noqa: E402
 import plan_accuracy  # noqa: E402
 from configs.schema import get_model_spec  # noqa: E402

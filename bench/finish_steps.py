@@ -14,7 +14,7 @@ Cases (random weights; no weights can be fetched here):
   esrgan-full   time only: the full-size Real-ESRGAN x4 architecture (64 features, 23 blocks) on one
                 32x48 frame, untiled and in tiles of 128/64 px, with the PSNR between them
 
-    .venv/bin/python bench/postprocess.py
+    .venv/bin/python bench/finish_steps.py
 """
 from __future__ import annotations
 
