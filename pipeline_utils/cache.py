@@ -168,7 +168,7 @@ class PipelineCache:
             wanted = {c: weight_key(model, task, c, torch_dtype, quant) for c in SHAREABLE}
             shared = self._find_shared(wanted)
             shared.update(dict.fromkeys(without))  # None: from_pretrained leaves the component out
-            self._make_room(model, shared, torch_dtype, set(wanted.values()))
+            self._make_room(self.load_bytes(model, shared, torch_dtype), set(wanted.values()), model)
             pipe = load_shared_pipeline(model, task, shared, torch_dtype)
             self.loads += 1
             if quant != "none":
@@ -223,6 +223,9 @@ class PipelineCache:
         wk = weight_key(model, task, comp, torch_dtype, quant)
         module = self._find_shared({comp: wk}).get(comp)
         if module is None:
+            itemsize = torch.empty((), dtype=torch_dtype).element_size()
+            need = get_model_spec(model).params.get(comp, 0) * itemsize  # e.g. the low-noise expert, mid-run
+            self._make_room(need, {wk, *entry.weight_keys.values()}, f"{model} {comp}", keep=entry.key)
             module = load_component(model, task, comp, torch_dtype)
             self.loads += 1
             if quant != "none" and comp in QUANTIZED:
@@ -249,17 +252,18 @@ class PipelineCache:
         params = get_model_spec(model).params
         return sum(n * itemsize for comp, n in params.items() if comp not in skip)
 
-    def _make_room(self, model: str, skip, torch_dtype: torch.dtype, wanted: set[str]) -> None:
-        """Evict least recently used pipelines that share no weights with this load while the load would
-        overflow the RAM available now (less the planner's host margin)."""
-        need = self.load_bytes(model, skip, torch_dtype)
+    def _make_room(self, need: int, wanted: set[str], what: str, keep: CacheKey | None = None) -> None:
+        """Evict least recently used pipelines (never `keep`) that share no weights with `wanted` while loading
+        `need` bytes (`what`: a model, or one component reloaded mid-run) would overflow the RAM available now
+        (less the planner's host margin)."""
         while need > self.available_bytes() - HOST_MARGIN_BYTES:
-            victim = next((k for k, e in self._entries.items() if not wanted & set(e.weight_keys.values())), None)
+            victim = next((k for k, e in self._entries.items()
+                           if k != keep and not wanted & set(e.weight_keys.values())), None)
             if victim is None:
                 logger.warning("loading %s needs %.1f GiB of RAM; %.1f GiB is available and nothing cached can go",
-                               model, need / 2**30, self.available_bytes() / 2**30)
+                               what, need / 2**30, self.available_bytes() / 2**30)
                 return
-            logger.info("evicting %s: loading %s needs %.1f GiB of RAM, %.1f GiB is available", victim, model,
+            logger.info("evicting %s: loading %s needs %.1f GiB of RAM, %.1f GiB is available", victim, what,
                         need / 2**30, self.available_bytes() / 2**30)
             self._drop(victim)
 

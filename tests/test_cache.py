@@ -209,3 +209,40 @@ def test_when_nothing_cached_can_go_the_load_goes_ahead_and_says_so(monkeypatch,
     assert len(cache) == 1 and "nothing cached can go" in caplog.text
     cache.get("tiny-wan", "v2v")  # shares everything: nothing to load, nothing evicted
     assert len(cache) == 2
+
+
+def test_an_expert_loaded_again_mid_run_makes_room_first_but_never_evicts_its_own_pipeline(monkeypatch):
+    """One expert in RAM: the low-noise expert loads at the switch, mid-run. That load is checked against the RAM
+    like a pipeline load: an unrelated cached pipeline goes first, the running one stays."""
+    from pipeline_utils import cache as cache_mod
+    from pipeline_utils import loaders
+    from vram_utils.planner import HOST_MARGIN_BYTES
+
+    class _Pipe(_FakePipe):
+        def register_modules(self, **modules):
+            self.__dict__.update(modules)
+            self.components.update(modules)
+
+    monkeypatch.setattr(cache_mod, "load_shared_pipeline", lambda *a: _Pipe(_fake_loader(*a).components))
+    monkeypatch.setattr(loaders, "load_component",
+                        lambda model, task, comp, dtype: torch.nn.Linear(
+                            __import__("configs.schema").schema.get_model_spec(model).params[comp], 1, bias=False))
+    free = {"bytes": HOST_MARGIN_BYTES + 10**9}
+    cache = PipelineCache(max_size=4, available_bytes=lambda: free["bytes"])
+    cache.get("tiny-wan-moe", "t2v", without=("transformer_2",))  # high-noise expert only
+    cache.get("tiny-cogvideox", "t2v")  # unrelated, more recently used
+    expert_bytes = 4 * __import__("configs.schema").schema.get_model_spec("tiny-wan-moe").params["transformer_2"]
+    free["bytes"] = HOST_MARGIN_BYTES + expert_bytes - 1  # RAM is one byte short for the low-noise expert
+    dropped = []
+    real_drop = cache._drop
+
+    def drop(key):
+        dropped.append(key)
+        free["bytes"] = HOST_MARGIN_BYTES + 10**9
+        return real_drop(key)
+
+    monkeypatch.setattr(cache, "_drop", drop)
+    pipe = cache.get("tiny-wan-moe", "t2v", without=("transformer",))  # the switch: free one, load the other
+    assert dropped == [("tiny-cogvideox", "t2v", "none")]
+    assert pipe.transformer is None and pipe.transformer_2.weight.numel() * 4 == expert_bytes
+    assert cache.keys() == [("tiny-wan-moe", "t2v", "none")]

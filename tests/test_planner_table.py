@@ -192,3 +192,21 @@ def test_the_registry_has_wan_2_2_a14b_and_the_720p_i2v_model():
     assert p720.resolutions == ((720, 1280), (1280, 720)) and p720.params["image_encoder"] == 632_076_800
     plan = plan_for(_request(A14B), t2v, plan_table.machine(24, 64), disk_free=0)
     assert plan.fits and plan.experts_in_ram in (1, 2)
+
+
+def test_a14b_video_to_video_counts_the_one_expert_its_pipeline_holds():
+    """diffusers' WanVideoToVideoPipeline has no `transformer_2`: V2V on A14B loads and plans one expert."""
+    from configs.schema import GenerationRequest
+    from vram_utils.archs import arch_for
+
+    spec = get_model_spec(A14B)
+    assert arch_for(spec, "t2v").experts == 2 and arch_for(spec, "v2v").experts == 1
+    machine = plan_table.machine(24, 128)  # RAM for both experts: both plans on the `ram` host rung
+    t2v = plan_for(GenerationRequest(model=A14B, task="t2v", prompt="a cat"), spec, machine, disk_free=0)
+    v2v = plan_for(GenerationRequest(model=A14B, task="v2v", prompt="a cat", video="clip.mp4"), spec, machine,
+                   disk_free=0)
+    expert = spec.params["transformer"] * 2
+    assert v2v.experts_in_ram == 0 and t2v.experts_in_ram == 2
+    # the same rungs hold one expert fewer in RAM (text stage: every weight passes through RAM when loaded)
+    assert t2v.offload == v2v.offload and t2v.host_rung == v2v.host_rung
+    assert t2v.host_stages["text"] - v2v.host_stages["text"] >= expert * 0.9

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from configs.schema import ModelSpec, get_model_spec, load_registry
+from configs.schema import ModelSpec, get_model_spec, load_registry, task_experts
 from families import ModelArch, TextEncoderArch, TransformerArch, VaeArch  # noqa: F401  (re-exported)
 
 
-def arch_for(spec: ModelSpec) -> ModelArch:
-    """The estimator's numbers for a model, from its family and its configs and counts."""
+def arch_for(spec: ModelSpec, task: str | None = None) -> ModelArch:
+    """The estimator's numbers for a model, from its family and its configs and counts. With `task`, the
+    experts that task's pipeline runs (a two-expert model's V2V pipeline holds the high-noise expert alone)."""
     note = f"sizes read from the local folder {spec.folder}" if spec.folder else ""
     arch = spec.family_module.arch(spec.config, spec.component_parts(), spec.params.get("image_encoder", 0))
-    return ModelArch(arch.transformer, arch.text_encoder, arch.vae, arch.image_encoder_params, note, arch.experts)
+    experts = arch.experts if task is None else min(arch.experts, task_experts(spec, task))
+    return ModelArch(arch.transformer, arch.text_encoder, arch.vae, arch.image_encoder_params, note, experts)
 
 
 class _Archs(Mapping):

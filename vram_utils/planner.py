@@ -221,12 +221,12 @@ def _fewer_frames(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> 
 
 def _smaller_model(spec: ModelSpec, w: Workload, t: _Target) -> tuple[str, _Choice] | None:
     """The largest registry model for the same task, smaller than this one, that fits at its defaults."""
-    mine = arch_for(spec).transformer.params * arch_for(spec).experts
+    mine = arch_for(spec, w.task).transformer.params * arch_for(spec, w.task).experts
     candidates = []
     for other in load_registry().values():
         if other.tiny or other.id == spec.id or w.task not in other.tasks:
             continue
-        other_arch = arch_for(other)
+        other_arch = arch_for(other, w.task)
         size = other_arch.transformer.params * other_arch.experts
         if size >= mine:
             continue
@@ -367,7 +367,7 @@ def plan_for(
     """The plan for `request` on `device` (pure). `resident_host_bytes`: the cache's weights for this run
     already in RAM; `disk_free`: free bytes under $FITVIDEO_HOME (None: not checked, no disk rung)."""
     # 1. What the run computes, on which architecture, on which device with which budgets.
-    w, arch = workload_for(request, spec), arch_for(spec)
+    w, arch = workload_for(request, spec), arch_for(spec, request.task)
     t = _target(request, device, resident_bytes, resident_host_bytes, disk_free)
     if arch.note:
         t.reasons.insert(0, f"estimate: {arch.note}")
