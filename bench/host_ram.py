@@ -19,12 +19,28 @@ before loading, the RSS after placing, the step time and the output.
                  "fp8-storage"), cast layer by layer
   disk           `plan.disk_offload`: group offload, one block per group, to $FITVIDEO_HOME/offload
 
+and the rungs that free a component before the next one loads (bench/host_ram_stages.py), each next to the
+`ram` rung holding the same components at once, every weight in anonymous RAM as `ram` reads it:
+
+  ram+text-encoder    a full-width UMT5-XXL text encoder (`--encoder-layers` of its 24, 2 by default: 2.67 GiB,
+                      2 GiB of it the 256384 x 4096 embedding) and the transformer both loaded, then the prompt
+                      encoded (`--encoder-tokens`, Wan's 512) and one step
+  text-encoder-first  the encoder loaded, the prompt encoded, the encoder freed, then the transformer loaded
+                      and one step: the peak is the larger of the two, not the sum
+  ram+experts         Wan 2.2 A14B's two experts (two stacks of `--expert-blocks`, 2 by default: 1.74 GiB each,
+                      different weights) both loaded, one step with each
+  one-expert          the high-noise expert loaded, one step, freed, then the low-noise expert loaded, one step
+
 The predicted host peak of each rung is the planner's estimator (`vram_utils.estimate.estimate`, which fills
 `plan_for(...).host_stages`) run on the Wan 2.1 14B registry entry cut to the same blocks, without text
-encoder or VAE weights (`predicted()`); it is compared with the anonymous peak (what a RAM cap cannot
+encoder or VAE weights (`predicted()`; for the free-before-load rungs Wan 2.1 14B with the encoder cut to the
+built one, or Wan 2.2 A14B with both experts cut to the built stack: `host_ram_stages.predicted_stages`, the
+larger of the "text" and "denoise" host stages); it is compared with the anonymous peak (what a RAM cap cannot
 reclaim) and with the peak RSS including memory-mapped file pages (page cache a cap can reclaim).
 
     flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/host_ram.py
+    flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/host_ram.py \
+        --rungs ram,ram+text-encoder,text-encoder-first,ram+experts,one-expert
 
 tests/test_host_ram.py imports the builder, the child and the cgroup-v1 RAM cap from here.
 """
@@ -53,16 +69,17 @@ WAN_14B_CONFIG = dict(
 )
 # disk twice: the first run writes the files, the second reuses them. "low-precision" is also accepted: left out
 # by default while quant.apply("fp8-storage") picks float32 as the compute dtype of a bf16 Wan transformer (its
-# first parameter, scale_shift_table, is kept in float32) and the step fails on a dtype mismatch.
-RUNGS = ("ram", "disk", "disk")
+# first parameter, scale_shift_table, is kept in float32) and the step fails on a dtype mismatch. Then the
+# free-before-load rungs, each after the `ram` case that holds the same components (bench/host_ram_stages.py).
+RUNGS = ("ram", "disk", "disk", "ram+text-encoder", "text-encoder-first", "ram+experts", "one-expert")
 
 
 # --------------------------------------------------------------------------- the model
 
 
-def build_stack(folder: Path, blocks: int) -> int:
-    """Save a `blocks`-deep Wan 14B-width transformer with random bf16 weights to `folder`; returns its weight
-    bytes. Built on meta and materialised one tensor at a time from a shared random pool (a 3 GiB model in
+def build_stack(folder: Path, blocks: int, seed: int = 0) -> int:
+    """Save a `blocks`-deep Wan 14B-width transformer with random bf16 weights (from `seed`) to `folder`; returns
+    its weight bytes. Built on meta and materialised one tensor at a time from a shared random pool (a 3 GiB model in
     about 20 s on 2 cores instead of minutes of randn), so RAM holds the weights once."""
     import torch
     from accelerate import init_empty_weights
@@ -76,7 +93,7 @@ def build_stack(folder: Path, blocks: int) -> int:
             model = WanTransformer3DModel(num_layers=blocks, **WAN_14B_CONFIG)
     finally:
         torch.set_default_dtype(previous)
-    pool = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    pool = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
     for i, (name, param) in enumerate(list(model.named_parameters())):
         n = param.numel()
         values = torch.roll(pool, (i * 7919) % pool.numel()).repeat(-(-n // pool.numel()))[:n]
@@ -133,8 +150,19 @@ def load_into_ram(model_dir: str):
     config = WanTransformer3DModel.load_config(model_dir)
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel.from_config(config)
-    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     keep = WanTransformer3DModel._keep_in_fp32_modules or []  # float32 in from_pretrained(torch_dtype=bf16) too
+    for name, value in tensors_of(model_dir):
+        dtype = torch.float32 if any(k in name.split(".") for k in keep) else value.dtype
+        set_module_tensor_to_device(model, name, "cpu", value=value, dtype=dtype)
+    return model.eval()
+
+
+def tensors_of(model_dir: str):
+    """(name, tensor) for every tensor of a safetensors folder, each read with a plain file read into its own
+    anonymous buffer (no memory map, no second copy)."""
+    import torch
+
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
@@ -146,10 +174,7 @@ def load_into_ram(model_dir: str):
                 buf = torch.empty(end - start, dtype=torch.uint8)
                 f.seek(8 + header_len + start)
                 f.readinto(memoryview(buf.numpy()))
-                value = buf.view(dtypes[info["dtype"]]).reshape(info["shape"])
-                dtype = torch.float32 if any(k in name.split(".") for k in keep) else value.dtype
-                set_module_tensor_to_device(model, name, "cpu", value=value, dtype=dtype)
-    return model.eval()
+                yield name, buf.view(dtypes[info["dtype"]]).reshape(info["shape"])
 
 
 def _load(model_dir: str, rung: str):
@@ -178,11 +203,21 @@ class _AnonPeak:
         import threading
 
         self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, _status_bytes("RssAnon"))
+            now = _status_bytes("RssAnon")
+            with self._lock:
+                self.peak = max(self.peak, now)
+
+    def mark(self) -> int:
+        """The peak so far (this phase's); the next phase's peak starts from now."""
+        now = _status_bytes("RssAnon")
+        with self._lock:
+            peak, self.peak = max(self.peak, now), now
+        return peak
 
     def __enter__(self) -> "_AnonPeak":
         self._thread.start()
@@ -197,6 +232,11 @@ class _AnonPeak:
 def child(args: argparse.Namespace) -> dict:
     """One case in this (fresh) process: load as the rung holds it, place it, one step; what it measured."""
     import torch
+
+    from bench import host_ram_stages
+
+    if args.child in host_ram_stages.CASES:
+        return host_ram_stages.stages_child(args)
 
     torch.set_num_threads(args.threads)
     from vram_utils.offload import offload_root
@@ -258,6 +298,9 @@ def run_child(rung: str, args: argparse.Namespace, cap_bytes: int | None = None,
            "--threads", str(args.threads), "--latent-frames", str(args.latent_frames),
            "--latent-height", str(args.latent_height), "--latent-width", str(args.latent_width),
            "--text-tokens", str(args.text_tokens), "--out", str(out or "")]
+    for flag in ("encoder", "experts", "encoder_tokens"):  # the free-before-load cases' (bench/host_ram_stages.py)
+        if getattr(args, flag, None):
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     full_env = {**os.environ, **(env or {})}
     if cap_bytes is None:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, check=False)
@@ -330,7 +373,7 @@ def cpu_model() -> str:
 
 
 def table(rows: list[dict], weight_bytes: int, args: argparse.Namespace) -> str:
-    ram = next(r for r in rows if r["rung"] == "ram")
+    ram = next((r for r in rows if r["rung"] == "ram"), None)
     lines = ["| rung | predicted host peak (denoise) | measured peak, anonymous | predicted / measured "
              "| measured peak RSS incl. mapped files | predicted / measured | RSS after placing | place s | s/step "
              "| x ram |", "|" + "---|" * 10]
@@ -340,7 +383,7 @@ def table(rows: list[dict], weight_bytes: int, args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['rung']} | {pred / GIB:.2f} GiB | {anon / GIB:.2f} GiB | {pred / anon:.2f} "
             f"| {rss / GIB:.2f} GiB | {pred / rss:.2f} | {(r['placed_rss'] - r['start_rss']) / GIB:.2f} GiB | {r['place_s']:.1f} | {r['step_s']:.2f} "
-            f"| {r['step_s'] / ram['step_s']:.2f} |"
+            f"| {r['step_s'] / ram['step_s'] if ram else float('nan'):.2f} |"
         )
     lines.append(f"weights {weight_bytes / GIB:.2f} GiB")
     return "\n".join(lines)
@@ -357,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-width", type=int, default=16)
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--encoder-layers", type=int, default=2, help="UMT5-XXL layers of the 24 (2 = 2.67 GiB)")
+    p.add_argument("--encoder", default="", help="a folder holding the encoder (built there when empty)")
+    p.add_argument("--encoder-tokens", type=int, default=512, help="tokens encoded (Wan pads prompts to 512)")
+    p.add_argument("--expert-blocks", type=int, default=2, help="blocks of each expert (2 = 1.74 GiB)")
+    p.add_argument("--experts", default="", help="two expert folders, high-noise,low-noise (built when empty)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -366,23 +414,53 @@ def main(argv: list[str] | None = None) -> int:
     return _bench(args)
 
 
+def _build(what: str, folder: Path, n: int, seed: int = 0) -> None:
+    """Build a stack ("stack": build_stack) or an encoder ("encoder": build_encoder) in a child process, so this
+    one never holds the weights."""
+    t0 = time.perf_counter()
+    call = f"build_stack(Path({str(folder)!r}), {n}, {seed})" if what == "stack" else \
+        f"build_encoder(Path({str(folder)!r}), {n})"
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+                    f"from bench.host_ram import build_stack; from bench.host_ram_stages import build_encoder; {call}"],
+                   check=True, cwd=ROOT)
+    print(f"built {what} {folder.name} ({n} deep) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def _folders(args: argparse.Namespace, rungs: list[str], work: Path) -> dict[str, Path]:
+    """The folders the cases need, built under `work` when not given."""
+    from bench.host_ram_stages import ENCODER_CASES, EXPERT_CASES
+
+    if not args.model:
+        args.model = str(work / "model")
+        _build("stack", Path(args.model), args.blocks)
+    folders = {"model": Path(args.model)}
+    if any(r in ENCODER_CASES for r in rungs):
+        if not args.encoder:
+            args.encoder = str(work / "encoder")
+            _build("encoder", Path(args.encoder), args.encoder_layers)
+        folders["encoder"] = Path(args.encoder)
+    if any(r in EXPERT_CASES for r in rungs):
+        if not args.experts:
+            args.experts = f"{work / 'high-noise'},{work / 'low-noise'}"
+            for seed, folder in enumerate(args.experts.split(",")):
+                _build("stack", Path(folder), args.expert_blocks, seed + 1)
+        folders["high"], folders["low"] = map(Path, args.experts.split(","))
+    return folders
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
+    from bench.host_ram_stages import CASES, stages_table
+
+    rungs = [r.strip() for r in args.rungs.split(",") if r.strip()]
     work = Path(tempfile.mkdtemp(prefix="fitvideo-host-ram-"))
     try:
-        if not args.model:
-            args.model = str(work / "model")
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
-                            f"from bench.host_ram import build_stack; from pathlib import Path; "
-                            f"build_stack(Path({args.model!r}), {args.blocks})"], check=True, cwd=ROOT)
-            print(f"built {args.blocks} blocks in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        weight_bytes = _weight_bytes(Path(args.model))
+        folders = _folders(args, rungs, work)
         env = {"FITVIDEO_HOME": str(work / "home")}
         rows = []
-        for rung in [r.strip() for r in args.rungs.split(",") if r.strip()]:
+        for rung in rungs:
             r = run_child(rung, args, env=env)
             if r["returncode"] != 0:
                 raise SystemExit(f"{rung} failed (exit {r['returncode']}): {r['stderr_tail']}")
@@ -395,7 +473,14 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"Wan 2.1 14B width, {args.blocks} blocks, bf16, random weights; one step of "
               f"{args.latent_frames}x{args.latent_height}x{args.latent_width} latents, {args.text_tokens} text tokens; "
               "each rung in a fresh process, first read from the disk (page cache dropped)")
-        print(table(rows, weight_bytes, args))
+        plain = [r for r in rows if r["rung"] not in CASES]
+        if plain:
+            print(table(plain, _weight_bytes(Path(args.model)), args))
+        staged = [r for r in rows if r["rung"] in CASES]
+        if staged:
+            print(f"\nFree before load: UMT5-XXL width, {args.encoder_layers} layers, {args.encoder_tokens} tokens "
+                  f"encoded; experts: 2 stacks of {args.expert_blocks} blocks (Wan 2.2 A14B, one step each)")
+            print(stages_table(staged, args, folders))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -133,6 +133,34 @@ class DecodeSettings:
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA of a request: a name from the LoRA folder, a path or a hub file, and its strength.
+    `strength_2`: the low-noise expert's strength on a two-expert model (None: the same as `strength`)."""
+
+    name: str
+    strength: float = 1.0
+    strength_2: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """`NAME_OR_PATH[:STRENGTH[:STRENGTH_LOW_NOISE]]` (the CLI's `--lora`); a path may hold colons."""
+        parts, numbers = str(text).strip(), []
+        while len(numbers) < 2 and ":" in parts:
+            head, tail = parts.rsplit(":", 1)
+            try:
+                numbers.insert(0, float(tail))
+            except ValueError:
+                break
+            parts = head
+        if not parts:
+            raise RequestError(f"--lora {text!r} has no name; use NAME_OR_PATH[:STRENGTH[:STRENGTH_LOW_NOISE]]")
+        return cls(parts, *numbers)
+
+
+LORA_STRENGTH_MAX = 4.0
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     model: str
     task: Task
@@ -155,6 +183,8 @@ class GenerationRequest:
     guidance_2: float | None = None  # two-expert models: guidance of the low-noise expert (None: the same as guidance)
     upscale: int = 0  # finishing step after the decode: 0 off, 2 / 4 (postprocess/; the un-finished video is kept)
     interpolate: int = 0  # finishing step after upscale: 0 off, 2 / 4 (N frames -> (N-1) x factor + 1)
+    loras: tuple[LoraChoice, ...] = ()  # adapters on the transformer(s), each with its strength (pipeline_utils/lora.py)
+    shift: float | None = None  # the flow-matching scheduler's shift (Wan; a distill LoRA's preset); None: the model's
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -167,6 +197,8 @@ class GenerationRequest:
         data = dict(data)
         if isinstance(data.get("decode"), dict):
             data["decode"] = DecodeSettings(**data["decode"])
+        if data.get("loras"):
+            data["loras"] = tuple(LoraChoice(**c) if isinstance(c, dict) else c for c in data["loras"])
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -326,6 +358,12 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
     _check_inputs(req, check_files)
     check_decode(req.decode)
     check_finishing(req)
+    _check_loras(req, spec)
+    if req.shift is not None:
+        if spec.family != "wan":
+            raise RequestError(f"shift={req.shift!r} is not allowed for {spec.label}: only Wan's flow-matching "
+                               "scheduler has a shift; leave it out")
+        _check_number("shift", req.shift, 0.1, 50.0, "use a number from 0.1 to 50 (Wan's default is 3 to 5)")
     return req.replace(
         prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance),
         guidance_2=guidance_2,
@@ -341,6 +379,22 @@ def check_finishing(req: GenerationRequest) -> None:
         value = getattr(req, name)
         if isinstance(value, bool) or value not in FINISH_FACTORS:
             raise RequestError(f"{name}={value!r} is not allowed; use 0 (off), 2 or 4")
+
+
+def _check_loras(req: GenerationRequest, spec: ModelSpec) -> None:
+    """The LoRA list's shape and strengths (pipeline_utils/lora.py finds the files and checks they fit)."""
+    if not isinstance(req.loras, tuple) or not all(isinstance(c, LoraChoice) for c in req.loras):
+        raise RequestError(f"loras={req.loras!r} is not allowed; give a list of LoRAs, each a name and a strength")
+    allowed = f"use a number from -{LORA_STRENGTH_MAX:g} to {LORA_STRENGTH_MAX:g} (1 = as trained, 0 = off)"
+    for c in req.loras:
+        _check_number(f"strength of LoRA {c.name!r}", c.strength, -LORA_STRENGTH_MAX, LORA_STRENGTH_MAX, allowed)
+        if c.strength_2 is None:
+            continue
+        if task_experts(spec, req.task) < 2:
+            raise RequestError(f"a low-noise strength for LoRA {c.name!r} is not allowed for {req.model} {req.task}: "
+                               "it runs one transformer; per-expert strengths are for Wan 2.2 A14B t2v / i2v")
+        _check_number(f"low-noise strength of LoRA {c.name!r}", c.strength_2, -LORA_STRENGTH_MAX, LORA_STRENGTH_MAX,
+                      allowed)
 
 
 def task_experts(spec: ModelSpec, task: str) -> int:

@@ -83,6 +83,7 @@ class Sidecar:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     version: int = SIDECAR_VERSION
     finishing: list[dict] = field(default_factory=list)  # finishing steps (postprocess.FinishResult.to_dict())
+    loras: list[dict] = field(default_factory=list)  # the LoRAs applied: name, file, bytes, strength(s)
 
     @property
     def predicted(self) -> dict[str, int]:
@@ -113,6 +114,7 @@ class Sidecar:
             "versions": dict(self.versions),
             "created": self.created,
             "finishing": list(self.finishing),
+            "loras": list(self.loras),
         }
 
     @classmethod
@@ -150,6 +152,7 @@ class Sidecar:
             created=str(data.get("created", "?")),
             version=version,
             finishing=list(data.get("finishing") or []),
+            loras=list(data.get("loras") or []),
         )
 
     def write(self, path: str | Path) -> Path:

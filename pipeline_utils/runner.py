@@ -30,6 +30,7 @@ from configs.schema import (
 )
 from families import get_family
 from pipeline_utils.cache import PipelineCache
+from pipeline_utils.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
 from pipeline_utils.media import load_image, read_video
 from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom
 from pipeline_utils.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
@@ -75,6 +76,7 @@ class RunResult:
     decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
     experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
     finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
+    loras: list[dict] = field(default_factory=list)  # the LoRAs applied (pipeline_utils/lora.py ActiveLora.record)
 
     @property
     def final_path(self) -> Path:
@@ -119,6 +121,7 @@ class Run:
     # The text encoder run first and freed (plan.release_text_encoder): the prompt's embeddings, kept for retries.
     embeds: dict = field(default_factory=dict)
     switch_step: int | None = None  # two-expert models: index of the first low-noise denoising step
+    loras: tuple = ()  # the request's LoRAs, found and checked (pipeline_utils/lora.py ActiveLora)
 
     def check_stop(self) -> None:
         _check_stop(self.stop)
@@ -157,12 +160,15 @@ class Runner:
         an upscale finishing step as a stage of its own (pipeline_utils/finishing.py)."""
         from pipeline_utils.finishing import with_finishing
 
-        spec = get_model_spec(request.model)
+        active = resolve_loras(request.loras, get_model_spec(request.model), request.task)
+        spec = with_lora_params(get_model_spec(request.model), active)  # adapters count with their layers
         info = device if device is not None else vram_utils.probe()
         device_type = "cuda" if info.cuda and info.gpus else "cpu"
         resident = self.cache.resident_bytes(request.model, request.task, request.quant, device_type)
         resident_host = self.cache.resident_bytes(request.model, request.task, request.quant, "cpu")  # RAM budget
         plan = vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
+        if active:
+            plan = plan.replace(reasons=(*plan.reasons, lora_reason(active, spec)))
         return with_finishing(plan, request)
 
     def generate(
@@ -195,6 +201,7 @@ class Runner:
         check_writable(out.parent)
         inputs, notes = self._read_inputs(req)
         run = Run(req, get_model_spec(req.model), RunPaths.beside(out), emit, stop, inputs=inputs)
+        run.loras = resolve_loras(req.loras, run.spec, req.task)  # LoraError names a missing or unfitting one
         for note in notes:  # e.g. a still image given as the video is held for every frame
             run.warn(note)
 
@@ -238,6 +245,7 @@ class Runner:
         run.emit(ProgressEvent("loading", message=f"loading {req.model} ({req.task})"))
         t0 = time.perf_counter()
         run.pipe = self._load(run)
+        apply_loras(run.pipe, run.loras)  # adapters swapped on the cached transformer(s); offload hooks come off
         run.timings.setdefault("load_s", time.perf_counter() - t0)
 
         # 4. Apply the plan (idempotent: a step-down re-applies it).
@@ -343,7 +351,7 @@ class Runner:
             kwargs.update(prompt=None, negative_prompt=None, **run.embeds)
         if boundary_timestep(run.pipe) is not None:  # two experts: the low-noise one's guidance
             kwargs["guidance_scale_2"] = req.guidance_2
-        with torch.inference_mode():
+        with torch.inference_mode(), scheduler_shift(run.pipe, req.shift):
             latents = run.pipe(**kwargs).frames
         run.timings["denoise_s"] = time.perf_counter() - t0
         run.latents = decode.to_vae_latents(run.pipe, latents, family, req.frames)
@@ -404,6 +412,8 @@ class Runner:
             loaded = self.cache.get(req.model, req.task, req.quant, without=("transformer",))
         if loaded is not pipe:  # the cache let go of this pipeline mid-run (unloaded): hand the expert over
             pipe.register_modules(transformer=None, transformer_2=loaded.transformer_2)
+        with torch.inference_mode(False):
+            apply_loras(pipe, run.loras)  # the low-noise expert's own adapters and strengths
         vram_utils.apply_plan(pipe, run.plan)  # the new expert joins the offload rung
 
     def _decode(self, run: Run) -> decode.DecodeStats:
@@ -438,6 +448,7 @@ class Runner:
         result.step_downs = [s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]]
         result.decode = stats.to_dict()
         result.experts = experts_record(run)
+        result.loras = [dict(a.record) for a in run.loras]
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         write_sidecar(result)
         # 9. Finishing steps (upscale, interpolate): new files beside the video, which is kept as it is.
@@ -602,4 +613,5 @@ def write_sidecar(result: RunResult) -> Path:
         experts=result.experts,
         versions=versions(),
         finishing=result.finishing,
+        loras=result.loras,
     ).write(result.sidecar_path)

@@ -1,0 +1,395 @@
+"""LoRAs: where they come from, which model each fits, and adapters swapped on a cached pipeline.
+
+A LoRA is a `.safetensors` file in the LoRA folder (`$FITVIDEO_HOME/loras`, or `--loras-dir` /
+`FITVIDEO_LORAS_DIR`), a path, or a hub file `owner/repo/weights.safetensors` fetched like a model (offline and
+not on this machine: the same clear error). Its state dict is converted by the family's own diffusers loader
+(`WanLoraLoaderMixin.lora_state_dict` turns kohya / musubi `lora_unet_*` and the original-Wan
+`diffusion_model.*` files, which the lightx2v and CausVid distill LoRAs are, into diffusers keys), and the
+family, width and depth it targets are read from the converted keys and shapes, never from the file name.
+
+On a pipeline, `apply_loras` brings each transformer (both experts of a Wan 2.2 A14B, each with its own
+strength) to the requested set with diffusers' adapter API: adapters not wanted are deleted, new ones loaded
+under a name derived from the file, strengths set with `set_adapters`; the base weights are never reloaded.
+With no LoRA wanted, `unload_lora` takes peft's layers out again, so the base model's output comes back exactly.
+Offload hooks are removed before the set changes (the caller applies its plan again afterwards), so every
+offload rung places the adapter weights with the layers they belong to.
+
+Quantized bases: int8 (torchao) takes the adapters on top of its quantized layers (peft's torchao LoRA
+layer); fp8 storage keeps its base weights in fp8 and the adapter weights in the compute dtype (peft would
+otherwise give the adapter its base layer's fp8 dtype: `_keep_adapters_in_compute_dtype`).
+
+A LoRA may carry run settings (a distill LoRA: 4 steps at guidance 1): a `NAME.json` next to the file, or
+`fitvideo.preset` / `steps`, `guidance_scale`, `shift` in the safetensors metadata. They are offered as a
+preset, never applied silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from configs.schema import LoraChoice, ModelSpec, RequestError, get_model_spec, load_registry, task_experts
+
+logger = logging.getLogger(__name__)
+
+LORA_SUFFIX = ".safetensors"
+EXPERTS = ("transformer", "transformer_2")
+# diffusers keys after conversion: the family a LoRA targets, from where its blocks live
+_BLOCK_KEYS = {"wan": re.compile(r"^transformer\.blocks\.(\d+)\."),
+               "cogvideox": re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")}
+_LOADERS = {"wan": "WanPipeline", "cogvideox": "CogVideoXPipeline"}  # whose lora_state_dict converts the file
+
+
+class LoraError(RequestError):
+    """A LoRA that cannot be used: missing, corrupt, or made for another model. The message says which and why."""
+
+
+@dataclass(frozen=True)
+class LoraPreset:
+    """Run settings a LoRA was made for (a distill LoRA: few steps, guidance 1, a scheduler shift)."""
+
+    steps: int | None = None
+    guidance: float | None = None
+    shift: float | None = None
+    source: str = ""  # where the numbers come from: "NAME.json" or "metadata"
+
+    def text(self, name: str) -> str:
+        parts = [f"{self.steps} steps" if self.steps else "", f"guidance {self.guidance:g}" if self.guidance is not None
+                 else "", f"shift {self.shift:g}" if self.shift is not None else ""]
+        return f"{', '.join(p for p in parts if p)}, from {name}"
+
+
+@dataclass(frozen=True)
+class LoraSignature:
+    """What a LoRA file targets, from its converted keys and shapes."""
+
+    family: str
+    width: int  # the hidden size its attention projections read
+    blocks: int  # the deepest block it touches + 1
+    params: int  # LoRA parameters (what it adds to the transformer in memory, at the compute dtype)
+    rank: int
+    image_branch: bool  # targets the I2V image cross-attention (add_k_proj / add_v_proj)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str  # what a person picks: the file name without .safetensors (or the path / hub id given)
+    path: Path
+    signature: LoraSignature
+    preset: LoraPreset | None = None
+    adapter: str = ""  # the adapter name on a transformer: file stem + a key of path, size and mtime
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    """One LoRA of a run, resolved: its file, and its strength per expert (index 0 high-noise / the only one)."""
+
+    file: LoraFile
+    strengths: tuple[float, ...]
+    record: dict = field(default_factory=dict)  # what the sidecar keeps
+
+
+# --------------------------------------------------------------------------- where LoRAs come from
+
+
+def loras_dir() -> Path:
+    from pipeline_utils.tiny import fitvideo_home
+
+    return Path(os.environ.get("FITVIDEO_LORAS_DIR") or fitvideo_home() / "loras")
+
+
+def find_lora(name: str) -> Path:
+    """A LoRA's file: a name in the LoRA folder, a path, or a hub file `owner/repo/weights.safetensors`."""
+    text = str(name).strip()
+    if not text:
+        raise LoraError("a LoRA name is empty; give a file name from the LoRA folder, a path or owner/repo/file")
+    folder = loras_dir()
+    for candidate in (folder / text, folder / (text + LORA_SUFFIX), Path(text).expanduser()):
+        if candidate.is_file():
+            return candidate.resolve()
+    if text.count("/") >= 2 and text.endswith(LORA_SUFFIX) and not Path(text).is_absolute():
+        return _hub_file(text)
+    known = ", ".join(p.stem for p in sorted(folder.glob("*" + LORA_SUFFIX))) or "none"
+    raise LoraError(f"LoRA {text!r} not found: not in the LoRA folder {folder} (it has: {known}), not a file path, "
+                    "not a hub file owner/repo/weights.safetensors")
+
+
+def _hub_file(text: str) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    from pipeline_utils.loaders import is_offline
+
+    owner, repo, filename = text.split("/", 2)
+    try:
+        return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=is_offline()))
+    except Exception as e:  # noqa: BLE001  (offline, missing repo or file: one clear error)
+        raise LoraError(f"LoRA {text!r} is not on this machine and could not be fetched from the hub "
+                        f"({type(e).__name__}). Fetch it with `hf download {owner}/{repo} {filename}`, or put the "
+                        f"file in {loras_dir()}") from None
+
+
+_SIGNATURES: dict[tuple, LoraSignature] = {}
+
+
+def read_signature(path: Path) -> LoraSignature:
+    """The family, width and depth a LoRA file targets (cached per path, size and mtime)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SIGNATURES:
+        _SIGNATURES[key] = _signature(converted_state_dict(path))
+    return _SIGNATURES[key]
+
+
+def converted_state_dict(path: Path, family: str | None = None) -> dict[str, torch.Tensor]:
+    """The file's tensors with diffusers keys (`transformer.…lora_A.weight`), converted by the family's loader."""
+    import diffusers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraError(f"LoRA file {path} cannot be read as safetensors ({e}); is the download complete?") from None
+    families = (family,) if family else ("wan", "cogvideox")
+    for fam in families:
+        try:
+            sd = getattr(diffusers, _LOADERS[fam]).lora_state_dict(dict(raw))
+        except Exception as e:  # noqa: BLE001  (a converter that does not know these keys)
+            logger.debug("%s's LoRA loader cannot convert %s: %s", fam, path, e)
+            continue
+        if any(_BLOCK_KEYS[f].match(k) for k in sd for f in families):
+            return sd
+    raise LoraError(f"LoRA file {path} holds no LoRA layers for a CogVideoX or Wan transformer "
+                    f"(first keys: {', '.join(list(raw)[:3]) or 'none'})")
+
+
+def _signature(sd: dict[str, torch.Tensor]) -> LoraSignature:
+    family = next((f for f, rx in _BLOCK_KEYS.items() if any(rx.match(k) for k in sd)), "")
+    blocks = [int(m.group(1)) for k in sd if (m := _BLOCK_KEYS[family].match(k))]
+    q = next((v for k, v in sd.items() if ".attn1.to_q.lora_A" in k), None)
+    downs = [v for k, v in sd.items() if ".lora_A." in k]
+    if q is None or not downs:
+        raise LoraError("the LoRA does not adapt the self-attention query (attn1.to_q): its width cannot be told")
+    return LoraSignature(family=family, width=int(q.shape[1]), blocks=max(blocks) + 1,
+                         params=sum(v.numel() for k, v in sd.items() if "lora" in k), rank=int(q.shape[0]),
+                         image_branch=any("add_k_proj" in k for k in sd))
+
+
+def model_width(spec: ModelSpec) -> tuple[int, int]:
+    """(hidden size, blocks) of a model's transformer, from its configs."""
+    cfg = spec.config.get("transformer", {})
+    return int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]), int(cfg["num_layers"])
+
+
+def fits(sig: LoraSignature, spec: ModelSpec) -> bool:
+    width, blocks = model_width(spec)
+    return sig.family == spec.family and sig.width == width and sig.blocks <= blocks
+
+
+def check_fits(file: LoraFile, spec: ModelSpec) -> None:
+    """Refuse a LoRA made for another model, naming the models it fits."""
+    if fits(file.signature, spec):
+        return
+    sig = file.signature
+    others = [s.label for s in load_registry().values() if fits(sig, s)]
+    made = f"it fits {', '.join(others)}" if others else (
+        f"no registry model has its shape ({sig.family}, width {sig.width}, {sig.blocks} blocks)")
+    raise LoraError(f"LoRA {file.name!r} does not fit {spec.label}: it was made for a {sig.family} transformer of "
+                    f"width {sig.width} with {sig.blocks} blocks; {made}")
+
+
+def read_preset(path: Path) -> LoraPreset | None:
+    """Run settings next to the LoRA (`NAME.json`) or in its safetensors metadata; None when it has none."""
+    side = path.with_suffix(".json")
+    data, source = {}, ""
+    if side.is_file():
+        try:
+            data, source = json.loads(side.read_text()), side.name
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring %s: %s", side, e)
+    if not data:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        data = json.loads(meta["fitvideo.preset"]) if "fitvideo.preset" in meta else meta
+        source = "metadata"
+    steps, guidance = data.get("steps"), data.get("guidance", data.get("guidance_scale"))
+    shift = data.get("shift", data.get("flow_shift"))
+    if steps is None and guidance is None and shift is None:
+        return None
+    return LoraPreset(int(steps) if steps is not None else None, float(guidance) if guidance is not None else None,
+                      float(shift) if shift is not None else None, source)
+
+
+def lora_file(name: str) -> LoraFile:
+    path = find_lora(name)
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", path.stem)[:40]
+    return LoraFile(name=str(name).strip().removesuffix(LORA_SUFFIX) if path.parent == loras_dir().resolve()
+                    else str(name).strip(), path=path, signature=read_signature(path), preset=read_preset(path),
+                    adapter=f"{stem}_{key}")
+
+
+def list_loras(model: str | None = None) -> list[LoraFile]:
+    """The LoRA folder's files (those that fit `model` when given); unreadable ones are logged and left out."""
+    found = []
+    for path in sorted(loras_dir().glob("*" + LORA_SUFFIX)):
+        try:
+            file = lora_file(path.stem)
+        except LoraError as e:
+            logger.warning("LoRA folder: %s", e)
+            continue
+        if model is None or fits(file.signature, get_model_spec(model)):
+            found.append(file)
+    return found
+
+
+# --------------------------------------------------------------------------- a run's LoRAs
+
+
+def resolve_loras(choices: tuple[LoraChoice, ...], spec: ModelSpec, task: str) -> tuple[ActiveLora, ...]:
+    """A request's LoRAs, found and checked against its model (LoraError names the bad one)."""
+    experts = task_experts(spec, task)
+    active, seen = [], set()
+    for choice in choices:
+        file = lora_file(choice.name)
+        check_fits(file, spec)
+        if file.adapter in seen:
+            raise LoraError(f"LoRA {choice.name!r} is listed twice; give it once with the strength you want")
+        seen.add(file.adapter)
+        strengths = (choice.strength,) if experts == 1 else (
+            choice.strength, choice.strength if choice.strength_2 is None else choice.strength_2)
+        record = {"name": file.name, "file": file.path.name, "bytes": file.path.stat().st_size,
+                  "strength": choice.strength}
+        if experts == 2:
+            record["strength_2"] = strengths[1]
+        active.append(ActiveLora(file, strengths, record))
+    return tuple(active)
+
+
+def lora_bytes(active: tuple[ActiveLora, ...], itemsize: int) -> int:
+    """What the adapters add to one expert's transformer in memory (peft keeps them at the compute dtype)."""
+    return sum(a.file.signature.params for a in active) * itemsize
+
+
+def apply_loras(pipe, active: tuple[ActiveLora, ...]) -> None:
+    """Bring every transformer of `pipe` (both experts where it has two) to `active`. The caller re-applies its
+    offload plan afterwards: hooks come off first, so adapters join their layers on every rung."""
+    from vram_utils.offload import remove_all_offload
+
+    modules = [(i, getattr(pipe, name, None)) for i, name in enumerate(EXPERTS)]
+    modules = [(i, m) for i, m in modules if isinstance(m, torch.nn.Module)]
+    wanted_by = {i: {a.file.adapter: (a, a.strengths[min(i, len(a.strengths) - 1)]) for a in active
+                     if a.strengths[min(i, len(a.strengths) - 1)] != 0} for i, _ in modules}
+    if all(_loaded(m) == set(wanted_by[i]) for i, m in modules) and all(
+            _strengths(m) == {n: s for n, (_, s) in wanted_by[i].items()} for i, m in modules):
+        return  # already so: no hook comes off, nothing moves
+    remove_all_offload(pipe)
+    for i, module in modules:
+        sync_module(type(pipe), module, {n: (a.file, s) for n, (a, s) in wanted_by[i].items()})
+
+
+def _loaded(module) -> set[str]:
+    return set(getattr(module, "peft_config", None) or {})
+
+
+def _strengths(module) -> dict[str, float]:
+    return dict(getattr(module, "_fitvideo_lora_strengths", {}))
+
+
+def sync_module(pipe_cls, module: torch.nn.Module, wanted: dict[str, tuple[LoraFile, float]]) -> None:
+    """One transformer to `wanted` (adapter -> (file, strength)): delete, load, set strengths; none -> unload."""
+    loaded = _loaded(module)
+    if not wanted:
+        if loaded:
+            module.unload_lora()  # peft's layers out: the base modules back, bitwise
+            logger.info("LoRAs unloaded from %s", type(module).__name__)
+        module._fitvideo_lora_strengths = {}
+        return
+    gone = sorted(loaded - set(wanted))
+    if gone:
+        module.delete_adapters(gone)
+    for name in [n for n in wanted if n not in loaded]:
+        _load_adapter(pipe_cls, module, wanted[name][0], name)
+    names = list(wanted)
+    module.set_adapters(names, [wanted[n][1] for n in names])
+    module._fitvideo_lora_strengths = {n: wanted[n][1] for n in names}
+
+
+def _load_adapter(pipe_cls, module: torch.nn.Module, file: LoraFile, name: str) -> None:
+    family = file.signature.family
+    sd = converted_state_dict(file.path, family)
+    if hasattr(pipe_cls, "_maybe_expand_t2v_lora_for_i2v"):
+        sd = pipe_cls._maybe_expand_t2v_lora_for_i2v(transformer=module, state_dict=sd)  # a T2V LoRA on I2V
+    try:
+        pipe_cls.load_lora_into_transformer(sd, transformer=module, adapter_name=name)
+    except Exception as e:  # noqa: BLE001  (shapes that do not match, a format peft refuses)
+        if name in _loaded(module):
+            module.delete_adapters([name])
+        if not _loaded(module):
+            module.unload_lora()
+        raise LoraError(f"LoRA {file.name!r} could not be loaded into {type(module).__name__}: {e}") from None
+    _keep_adapters_in_compute_dtype(module, name)
+    logger.info("LoRA %s loaded (%s parameters, rank %d)", file.name, f"{file.signature.params:,}",
+                file.signature.rank)
+
+
+def _keep_adapters_in_compute_dtype(module: torch.nn.Module, name: str) -> None:
+    """Adapter weights that peft gave a low-precision storage dtype (fp8 storage: the base layer's) go to the
+    compute dtype, where the layerwise casting hooks never touch them."""
+    compute = next((p.dtype for p in module.parameters() if p.dtype in (torch.float32, torch.bfloat16,
+                                                                         torch.float16)), torch.float32)
+    for pname, param in module.named_parameters():
+        if f".{name}." in pname and param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            param.data = param.data.to(compute)
+
+
+def with_lora_params(spec: ModelSpec, active: tuple[ActiveLora, ...]) -> ModelSpec:
+    """The spec the planner reads, with each expert's adapters counted into its transformer's parameters (they
+    sit inside the blocks: every rung then places them with their layers, on the device and in RAM)."""
+    if not active:
+        return spec
+    import dataclasses
+
+    params = dict(spec.params)
+    for i, name in enumerate(EXPERTS):
+        if name in params:
+            params[name] += sum(a.file.signature.params for a in active
+                                if a.strengths[min(i, len(a.strengths) - 1)] != 0)
+    return dataclasses.replace(spec, params=params)
+
+
+@contextlib.contextmanager
+def scheduler_shift(pipe, shift: float | None):
+    """The pipeline's scheduler with another flow shift for one run (a distill LoRA's preset), restored after."""
+    if shift is None:
+        yield
+        return
+    original = pipe.scheduler
+    if "flow_shift" not in original.config and "shift" not in original.config:
+        raise LoraError(f"shift={shift!r}: the {type(original).__name__} scheduler has no shift")
+    key = "flow_shift" if "flow_shift" in original.config else "shift"
+    pipe.scheduler = type(original).from_config(original.config, **{key: shift})
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+def lora_reason(active: tuple[ActiveLora, ...], spec: ModelSpec) -> str:
+    """One line for the plan: which LoRAs, at which strengths, and what they add to the weights."""
+    itemsize = 4 if spec.default_dtype == "float32" else 2
+    names = ", ".join(f"{a.file.name} x{'/'.join(f'{s:g}' for s in a.strengths)}" for a in active)
+    n = lora_bytes(active, itemsize)
+    size = f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+    return (f"LoRAs: {names} (+{size} of adapter weights, counted with "
+            "the transformer on every rung; swapped on the cached model, never reloaded)")
