@@ -88,6 +88,8 @@ def build_launch_parser() -> argparse.ArgumentParser:
         help="diffusers model folders here are listed with the registry models (default $FITVIDEO_HOME/models)",
     )
     p.add_argument("--outputs-dir", default="outputs", help="where videos and their JSON sidecars go")
+    p.add_argument("--loras-dir", default=None, metavar="DIR",
+                   help="LoRA .safetensors files here are offered for the models they fit (default $FITVIDEO_HOME/loras)")
     p.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="waiting jobs before new ones are refused"
     )
@@ -279,6 +281,10 @@ class TaskTab:
     guidance_2: "gr.Slider | None" = None  # the low-noise expert's guidance: shown for two-expert models only
     upscale: "gr.Radio | None" = None  # finishing steps after the decode (0 off, 2, 4)
     interpolate: "gr.Radio | None" = None
+    loras: "gr.Dataframe | None" = None  # rows: LoRA, strength, low-noise strength (the request's field)
+    shift: "gr.Number | None" = None
+    lora_pick: "gr.Dropdown | None" = None  # picks the table's rows from the LoRAs that fit the model
+    lora_preset: "gr.Button | None" = None  # a picked LoRA's run settings (a distill LoRA's steps and guidance)
 
     def fields(self) -> dict[str, Any]:
         """API parameter name -> component, for the request fields this tab owns (in pipeline_utils.fields' order)."""
@@ -410,6 +416,7 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                 resolutions = resolutions_for(model, task)
                 resolution = gr.Dropdown(resolutions, value=resolutions[0], label="Resolution (height x width)")
                 upscale, interpolate = render_finishing(task)
+                lora = render_loras(task, model)
                 plan = gr.Markdown(label="Plan", elem_id=f"{task}-plan", elem_classes=["fv-plan"])
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
@@ -424,8 +431,84 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
     return TaskTab(
         task, tab, model_dd, note, prompt, negative, image, video, strength, seed, preset_radio, steps, guidance,
         frames, fps, resolution, plan, generate, stop, result, used_seed, info, guidance_2=guidance_2,
-        upscale=upscale, interpolate=interpolate,
+        upscale=upscale, interpolate=interpolate, **lora,
     )
+
+
+LORA_HEADERS = ["LoRA", "strength", "low-noise strength"]
+
+
+def lora_choices(model: str) -> list[str]:
+    """The LoRA folder's files that fit `model` (by their shapes, not their names)."""
+    from configs.schema import RequestError
+    from pipeline_utils.lora import list_loras
+
+    try:
+        return [f.name for f in list_loras(model)]
+    except (RequestError, OSError, ValueError):  # an unknown model: the plan names it
+        return []
+
+
+def render_loras(task: str, model: str) -> dict[str, Any]:
+    """LoRAs: pick from those that fit the model, a strength per row (and per expert on Wan 2.2 A14B), and a
+    preset button when a picked LoRA carries run settings; the scheduler shift next to them."""
+    import gradio as gr
+
+    from pipeline_utils.lora import loras_dir
+
+    with gr.Accordion("LoRAs", open=True):
+        lora_pick = gr.Dropdown(
+            lora_choices(model), value=[], multiselect=True, label="LoRAs", elem_id=f"{task}-lora-pick",
+            info=f"the .safetensors files in {loras_dir()} that fit this model",
+        )
+        loras = gr.Dataframe(
+            value=[], headers=LORA_HEADERS, datatype=["str", "number", "number"], column_count=(3, "fixed"),
+            type="array", interactive=True, label="Strengths (low-noise: Wan 2.2 A14B's second expert; empty = same)",
+            elem_id=f"{task}-loras",
+        )
+        with gr.Row():
+            shift = gr.Number(None, label="Shift", info="scheduler flow shift (Wan); 0 or empty = the model's",
+                              elem_id=f"{task}-shift")
+            lora_preset = gr.Button("Use LoRA preset", visible=False, elem_id=f"{task}-lora-preset", size="sm")
+    return dict(loras=loras, shift=shift, lora_pick=lora_pick, lora_preset=lora_preset)
+
+
+def lora_rows(picked: list[str] | None, table: Any) -> tuple[list[list], Any]:
+    """The table for the picked LoRAs (strengths already set are kept, a new one starts at 1), and the preset
+    button for the first picked LoRA that has run settings."""
+    import gradio as gr
+
+    from configs.schema import RequestError
+    from pipeline_utils.fields import loras_from_field
+    from pipeline_utils.lora import lora_file
+
+    old = {c.name: c for c in loras_from_field(table)}
+    rows, preset = [], None
+    for name in picked or []:
+        c = old.get(name)
+        rows.append([name, c.strength if c else 1.0, c.strength_2 if c else None])
+        try:
+            preset = preset or (lora_file(name).preset and (name, lora_file(name).preset))
+        except RequestError:
+            pass
+    label = f"Use preset: {preset[1].text(preset[0])}" if preset else "Use LoRA preset"
+    return rows, gr.Button(label, visible=bool(preset))
+
+
+def use_lora_preset(picked: list[str] | None, steps, guidance, shift) -> tuple:
+    """The first picked LoRA's run settings into steps, guidance and shift (what it leaves out stays)."""
+    from configs.schema import RequestError
+    from pipeline_utils.lora import lora_file
+
+    for name in picked or []:
+        try:
+            p = lora_file(name).preset
+        except RequestError:
+            continue
+        if p:
+            return (p.steps or steps, guidance if p.guidance is None else p.guidance,
+                    shift if p.shift is None else p.shift)
+    return steps, guidance, shift
 
 
 FINISH_CHOICES = [("off", 0), ("x2", 2), ("x4", 4)]
@@ -719,6 +802,13 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     # The second guidance shows for two-expert models only (.change: also when "reuse settings" sets the model).
     tab.model.change(lambda m: gr.Slider(visible=two_experts(m, tab.task)), tab.model, tab.guidance_2, **hidden)
     tab.preset.input(fill_preset, tab.preset, [tab.steps, tab.guidance], **hidden)
+    # LoRAs: the list follows the model (only those that fit); picking fills the strengths table.
+    tab.model.change(lambda m, picked: gr.Dropdown(choices=lora_choices(m), value=[
+        p for p in picked or [] if p in lora_choices(m)]), [tab.model, tab.lora_pick], tab.lora_pick, **hidden)
+    app.demo.load(lambda m: gr.Dropdown(choices=lora_choices(m)), tab.model, tab.lora_pick, **hidden)  # new files
+    tab.lora_pick.input(lora_rows, [tab.lora_pick, tab.loras], [tab.loras, tab.lora_preset], **hidden)
+    tab.lora_preset.click(use_lora_preset, [tab.lora_pick, tab.steps, tab.guidance, tab.shift],
+                          [tab.steps, tab.guidance, tab.shift], **hidden)
     # Events that take an upload get it unprocessed: check_input reads it and names what is wrong with it.
     upload = tab.image if tab.image is not None else tab.video
     raw = dict(preprocess=False) if upload is not None else {}
@@ -851,7 +941,7 @@ def listen_gallery(app: FitVideoApp) -> None:
 
     outputs = [app.tabs, app.active_task, *app.optimization.fields().values()]
     for tab in app.task_tabs.values():
-        outputs += list(tab.fields().values())
+        outputs += [*tab.fields().values(), tab.lora_pick]
     g.reuse.click(make_reuse(app), g.pick, outputs, api_name="reuse", queue=False)
     for button, step in ((g.upscale, "upscale"), (g.interpolate, "interpolate")):
         button.click(make_finish(app, step), g.pick, [g.details], api_name=f"{step}_result",
@@ -910,6 +1000,8 @@ def make_reuse(app: FitVideoApp):
         updates = {c: values[n] for n, c in components.items() if n not in dependent}
         if values.get("guidance_2") is None:  # one transformer: the hidden slider keeps its value
             updates.pop(tab.guidance_2, None)
+        names = [row[0] for row in values["loras"]]  # the picker shows the LoRAs the table holds
+        updates[tab.lora_pick] = gr.Dropdown(choices=sorted({*lora_choices(req.model), *names}), value=names)
         updates.update({app.tabs: gr.Tabs(selected=req.task), app.active_task: req.task})
         if req.model in offered_models(req.task, ctx.models_dir):  # a model still offered for the task
             spec = get_model_spec(req.model)
@@ -1015,6 +1107,8 @@ def launch(argv: list[str]) -> int:
         return 2
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported
+    if args.loras_dir:
+        os.environ["FITVIDEO_LORAS_DIR"] = str(Path(args.loras_dir).expanduser().resolve())
     from pipeline_utils.cli import precision_from_args, setup_logging
 
     setup_logging()

@@ -213,10 +213,10 @@ class _AnonPeak:
                 self.peak = max(self.peak, now)
 
     def mark(self) -> int:
-        """The peak so far (this phase's); the next phase's peak starts from now."""
+        """The peak so far (this phase's); the next phase's peak is sampled from now on."""
         now = _status_bytes("RssAnon")
         with self._lock:
-            peak, self.peak = max(self.peak, now), now
+            peak, self.peak = max(self.peak, now), 0
         return peak
 
     def __enter__(self) -> "_AnonPeak":

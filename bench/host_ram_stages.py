@@ -68,7 +68,7 @@ def load_encoder(folder: str):
     layers = UMT5Config.from_pretrained(folder).num_layers
     model = _empty_encoder(layers)
     for name, value in tensors_of(folder):
-        set_module_tensor_to_device(model, name, "cpu", value=value)
+        set_module_tensor_to_device(model, name, "cpu", value=value, dtype=value.dtype)  # as stored (bf16)
     model.tie_weights()
     return model.eval()
 
@@ -100,10 +100,11 @@ def _encoder_case(args: argparse.Namespace, anon: _AnonPeak, latents, g) -> dict
     t0 = time.perf_counter()
     text = _encode(encoder, args, g)
     encode_s = time.perf_counter() - t0
-    phase1 = anon.mark()
     if model is None:  # text encoder first: freed before the transformer loads
         del encoder
         gc.collect()
+    phase1 = anon.mark()
+    if model is None:
         t0 = time.perf_counter()
         model = _load(args.model, "ram")
         place_s += time.perf_counter() - t0
@@ -124,10 +125,11 @@ def _expert_case(args: argparse.Namespace, anon: _AnonPeak, latents, g) -> dict:
     t0 = time.perf_counter()
     out = _step(high, latents, text, 900)  # the high-noise expert's steps
     step_s = time.perf_counter() - t0
-    phase1 = anon.mark()
     if low is None:  # one expert: the high-noise one freed before the low-noise one loads (at the switch)
         del high
         gc.collect()
+    phase1 = anon.mark()
+    if low is None:
         t0 = time.perf_counter()
         low = _load(low_dir, "ram")
         place_s += time.perf_counter() - t0
@@ -138,8 +140,8 @@ def _expert_case(args: argparse.Namespace, anon: _AnonPeak, latents, g) -> dict:
 
 
 def stages_child(args: argparse.Namespace) -> dict:
-    """One of CASES in this (fresh) process, from the disk (page cache dropped): its peaks above the start
-    (phase 1: up to the free, or up to the end of the first compute when nothing is freed)."""
+    """One of CASES in this (fresh) process, from the disk (page cache dropped): its peaks (phase 1: up to and
+    including the free, or the first compute when nothing is freed; phase 2: the rest)."""
     import torch
 
     torch.set_num_threads(args.threads)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import get_args
 
 from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, DType, GenerationRequest, OffloadChoice, RequestError
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", action="store_true", help="print the memory plan for this request and exit (loads nothing)")
     g.add_argument("--upscale", type=int, default=0, help="finishing step: upscale the result x2 / x4 (0 = off)")
     g.add_argument("--interpolate", type=int, default=0, help="finishing step: interpolate x2 / x4 (0 = off)")
+    g.add_argument("--lora", dest="loras", action="append", default=None, metavar="NAME_OR_PATH[:STRENGTH[:LOW]]",
+                   help="a LoRA from the LoRA folder, a path or owner/repo/file.safetensors, at STRENGTH (default 1); "
+                        "two-expert models take a low-noise expert's strength after a second colon. Repeatable")
+    g.add_argument("--loras-dir", default=None, help="the LoRA folder (default $FITVIDEO_HOME/loras)")
+    g.add_argument("--shift", type=float, default=None, help="scheduler flow shift (Wan; a distill LoRA's preset)")
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
     d.add_argument("--latents", required=True, help="the <video>.latents.pt a run saved before decoding")
@@ -169,7 +175,6 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def run_finishing(args: argparse.Namespace) -> int:
     """`upscale` / `interpolate`: one finishing step; prints the output path, logs which method it used."""
-    from pathlib import Path
 
     from pipeline_utils.finishing import FinishStep, check_steps, run_step
 
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "offline", False):
         os.environ["HF_HUB_OFFLINE"] = "1"
+    if getattr(args, "loras_dir", None):
+        os.environ["FITVIDEO_LORAS_DIR"] = str(Path(args.loras_dir).expanduser().resolve())
     setup_logging()
     try:
         if args.command == "generate":

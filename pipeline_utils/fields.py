@@ -11,12 +11,13 @@ import dataclasses
 import secrets
 from typing import Any, Mapping
 
-from configs.schema import SEED_MAX, DecodeSettings, GenerationRequest, RequestError
+from configs.schema import SEED_MAX, DecodeSettings, GenerationRequest, LoraChoice, RequestError
 
 REQUEST_FIELDS = (
     "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "frames", "fps", "resolution",
     "image", "video", "strength", "guidance_2",  # last: API clients that pass fields by position keep working
     "upscale", "interpolate",  # finishing steps (0 off, 2, 4), after every older field for the same reason
+    "loras", "shift",  # LoRAs (rows: name, strength, low-noise strength) and the scheduler shift, last again
 )
 # Flat field -> DecodeSettings field. `chunk_frames` is a CLI flag only; the page does not offer it.
 DECODE_FIELDS = {
@@ -92,7 +93,50 @@ def request_from_fields(task: str, fields: Mapping[str, Any], seed: int | None =
         image=fields.get("image") or None, video=fields.get("video") or None, strength=_real(get("strength")),
         offload=get("offload"), quant=get("quant"), decode=decode_from_fields(fields),
         upscale=whole(get("upscale")), interpolate=whole(get("interpolate")),
+        loras=loras_from_field(fields.get("loras")), shift=_real(fields.get("shift")) or None,  # 0: the model's
     )
+
+
+def loras_from_field(value: Any) -> tuple[LoraChoice, ...]:
+    """The `loras` field: rows [name, strength, low-noise strength] (the page's table, an API list), a table's
+    {"data": rows} value, "NAME[:STRENGTH[:STRENGTH_LOW_NOISE]]" strings (the CLI's --lora), or LoraChoices.
+    Rows without a name are skipped; an empty strength is 1, an empty low-noise strength follows strength."""
+    if value is None or isinstance(value, str) and not value.strip():
+        return ()
+    if isinstance(value, Mapping):
+        value = value.get("data") or []
+    if hasattr(value, "values") and hasattr(value, "columns"):  # a pandas DataFrame (gradio's table value)
+        value = value.values.tolist()
+    if isinstance(value, str):
+        value = [value]
+    choices = []
+    for row in value:
+        if isinstance(row, LoraChoice):
+            choices.append(row)
+        elif isinstance(row, str):
+            choices.append(LoraChoice.parse(row))
+        elif isinstance(row, Mapping):
+            choices.append(LoraChoice(**row))
+        elif isinstance(row, (list, tuple)) and row and str(row[0] or "").strip():
+            strength = _blank(row[1] if len(row) > 1 else None)
+            low = _blank(row[2] if len(row) > 2 else None)
+            choices.append(LoraChoice(str(row[0]).strip(), 1.0 if strength is None else _real(strength),
+                                      None if low is None else _real(low)))
+        elif not isinstance(row, (list, tuple)):
+            raise RequestError(f"loras entry {row!r} is not allowed; give [name, strength] or 'name:strength'")
+    return tuple(choices)
+
+
+def _blank(value: Any) -> Any:
+    """None for an empty table cell ('' / None / NaN)."""
+    if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and value != value):
+        return None
+    return float(value) if isinstance(value, str) else value
+
+
+def loras_to_field(req: GenerationRequest) -> list[list]:
+    """A request's LoRAs as the table's rows (Reuse settings)."""
+    return [[c.name, c.strength, c.strength_2] for c in req.loras]
 
 
 def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
@@ -105,5 +149,5 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
         "resolution": format_resolution(req.height, req.width), "image": req.image, "video": req.video,
         "strength": req.strength, "offload": req.offload, "quant": req.quant, "vae_tiling": d.enable_vae_tiling,
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
-        "upscale": req.upscale, "interpolate": req.interpolate,
+        "upscale": req.upscale, "interpolate": req.interpolate, "loras": loras_to_field(req), "shift": req.shift,
     }

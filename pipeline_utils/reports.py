@@ -164,6 +164,15 @@ def _not_said(warnings: list[str], said: tuple[str, ...]) -> list[str]:
     return [w for w in warnings if gist(w) not in told]
 
 
+def lora_text(loras: list[dict]) -> str:
+    """`name x0.8` per LoRA (`x1/0.5`: high-noise / low-noise expert), from a sidecar's `loras`."""
+    def strengths(r: dict) -> str:
+        s = f"{r.get('strength', 1):g}"
+        return s + (f"/{r['strength_2']:g}" if r.get("strength_2") is not None else "")
+
+    return ", ".join(f"{r.get('name', '?')} x{strengths(r)}" for r in loras)
+
+
 def result_details(result: "PastResult") -> str:
     """A past result from its sidecar: the request, the plan, predicted and measured peaks, timings."""
     req, d = result.request, result.data
@@ -178,6 +187,7 @@ def result_details(result: "PastResult") -> str:
         "",
         f"plan: {(d.get('plan') or {}).get('summary', '')}",
         "",
+        *([f"LoRAs: {lora_text(d['loras'])}", ""] if d.get("loras") else []),
         f"predicted peak: GPU {fmt_bytes(predicted.get('peak_gpu_bytes'))} · "
         f"RAM {fmt_bytes(predicted.get('peak_host_bytes'))}",
         "",

@@ -168,7 +168,8 @@ class Runner:
         resident_host = self.cache.resident_bytes(request.model, request.task, request.quant, "cpu")  # RAM budget
         plan = vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
         if active:
-            plan = plan.replace(reasons=(*plan.reasons, lora_reason(active, spec)))
+            plan = plan.replace(reasons=(*plan.reasons, lora_reason(active, spec)),
+                                summary=f"{plan.summary}, {len(active)} LoRA{'s' if len(active) > 1 else ''}")
         return with_finishing(plan, request)
 
     def generate(

@@ -258,3 +258,62 @@ def test_v2v_upload_takes_animated_and_one_frame_gifs(page, server, tmp_path):
             assert "Warning" in toast(page, still).inner_text()
         page.locator("#v2v-video").get_by_role("button", name="Clear").click()
     page.screenshot(path=str(ARTIFACTS / "browser_v2v_gif.png"), full_page=True)
+
+
+def _pick_loras(page, names) -> None:
+    pick = page.locator("#t2v-lora-pick input")
+    for name in names:
+        pick.click()
+        pick.fill(name)
+        page.keyboard.press("Enter")
+
+
+def _set_cell(page, cells, index: int, value: str) -> None:
+    cells.nth(index).dblclick()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(value)
+    page.keyboard.press("Enter")
+
+
+def test_two_loras_with_strengths_generate_list_in_the_details_and_reuse_restores_them(page, server, tmp_path,
+                                                                                      monkeypatch):
+    import json
+
+    from lora_files import make_lora
+    from pipeline_utils.loaders import load_pipeline
+
+    monkeypatch.setenv("FITVIDEO_LORAS_DIR", str(tmp_path / "loras"))  # the server reads it per request
+    transformer = load_pipeline("tiny-cogvideox", "t2v").transformer
+    make_lora(transformer, tmp_path / "loras" / "style_a.safetensors", seed=1)
+    make_lora(transformer, tmp_path / "loras" / "fast_b.safetensors", seed=2)
+    (tmp_path / "loras" / "fast_b.json").write_text(json.dumps({"steps": 3, "guidance": 1.0}))
+    page.reload()  # the picker lists the folder's files that fit the model when the page loads
+    open_tab(page, "T2V")
+    page.locator("#t2v-model input").first.wait_for()
+    _pick_loras(page, ["style_a", "fast_b"])
+    cells = page.locator("#t2v-loras .body-cell")
+    page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length === 6")
+    _set_cell(page, cells, 1, "0.5")
+    _set_cell(page, cells, 4, "0.25")
+    page.locator("#t2v-prompt textarea").fill("a red kite over a green hill")
+    preset = page.locator("#t2v-lora-preset")
+    assert "3 steps, guidance 1, from fast_b" in preset.inner_text()
+    preset.click()
+    page.wait_for_function("document.querySelector('#t2v-steps input[type=number]').value === '3'")
+    wait_text(page, "t2v-plan", "offload")
+    page.locator("#t2v-generate").click()
+    wait_text(page, "t2v-info", "Saved")
+    page.screenshot(path=str(ARTIFACTS / "browser_t2v_loras.png"), full_page=True)
+    name = re.search(r"Saved \S*?([^/\s]+\.mp4)", page.locator("#t2v-info").inner_text()).group(1)
+    sidecar = json.loads((server[1] / name).with_suffix(".json").read_text())
+    assert [(r["name"], r["strength"]) for r in sidecar["loras"]] == [("style_a", 0.5), ("fast_b", 0.25)]
+    assert sidecar["request"]["steps"] == 3 and sidecar["request"]["guidance"] == 1.0
+    # The gallery's details list them; Reuse puts them back after they were cleared.
+    page.locator("#t2v-lora-pick").get_by_role("button", name=re.compile("remove|clear", re.I)).last.click()
+    open_tab(page, "Gallery")
+    page.locator("#gallery .thumbnail-item").first.click()
+    wait_text(page, "gallery-details", "LoRAs: style_a x0.5, fast_b x0.25")
+    page.get_by_role("button", name="Reuse settings").click()
+    page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length === 6")
+    assert [cells.nth(i).inner_text() for i in (0, 1, 3, 4)] == ["style_a", "0.5", "fast_b", "0.25"]
+    assert "style_a" in page.locator("#t2v-lora-pick").inner_text()
