@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # gradio is imported lazily: the CLI subcommands never load i
 
     from configs.schema import GenerationRequest, Plan
     from pipeline_utils.catalog import ModelStatus
+    from pipeline_utils.jobs import Job, JobQueue
     from pipeline_utils.runner import ProgressEvent, Runner
 
 CLI_COMMANDS = ("generate", "decode", "upscale", "interpolate")
@@ -41,6 +42,7 @@ GPU_QUEUE = "gpu"  # one concurrency group for everything that touches the model
 DEFAULT_QUEUE_SIZE = 16  # waiting jobs beyond this are refused ("queue full") instead of piling up
 DEFAULT_MAX_UPLOAD = "200mb"  # per uploaded file (images, input videos)
 MEMORY_REFRESH_S = 2.0
+JOBS_REFRESH_S = 1.0  # the Jobs panel follows the server's queue this often
 STOP_WAIT_S = 60.0  # how long Stop waits for the run to reach its next step before answering
 DEFAULT_PROMPT = "a cat walks on the beach at sunset, cinematic"  # so the very first click works
 
@@ -132,48 +134,15 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 @dataclass
-class Job:
-    """One running generation: its stop flag, a done signal, and the last progress it reported."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
-    last: "ProgressEvent | None" = None
-
-
-class Jobs:
-    """Running jobs by (browser session, task), so each tab's Stop reaches its own run."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[tuple[str, str], Job] = {}
-        self._lock = threading.Lock()
-
-    def start(self, key: tuple[str, str]) -> Job:
-        job = Job()
-        with self._lock:
-            self._jobs[key] = job
-        return job
-
-    def finish(self, key: tuple[str, str], job: Job) -> None:
-        job.done.set()
-        with self._lock:
-            if self._jobs.get(key) is job:
-                del self._jobs[key]
-
-    def stop(self, key: tuple[str, str]) -> Job | None:
-        with self._lock:
-            job = self._jobs.get(key)
-        if job is not None:
-            job.stop.set()
-        return job
-
-
-@dataclass
 class AppContext:
     runner: "Runner"
     outputs_dir: Path
     default_quant: str = "none"
-    jobs: Jobs = field(default_factory=Jobs)
     models_dir: Path | None = None  # diffusers folders here are listed with the registry models
+    queue: "JobQueue | None" = None  # every generation is a job here (pipeline_utils/jobs.py); set by build_app
+    # Held by the job worker while a job runs, and by the other actions that touch the models (unload, finishing
+    # from the gallery): one of them at a time, as Gradio's GPU queue did when it ran the generations itself.
+    gpu_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 # =========================================================================== requests and plans
@@ -285,6 +254,8 @@ class TaskTab:
     shift: "gr.Number | None" = None
     lora_pick: "gr.Dropdown | None" = None  # picks the table's rows from the LoRAs that fit the model
     lora_preset: "gr.Button | None" = None  # a picked LoRA's run settings (a distill LoRA's steps and guidance)
+    run_plot: "gr.LinePlot | None" = None  # the finished run's memory over time, with its stages
+    preview: "gr.Image | None" = None  # this page's running job's latest latent preview
 
     def fields(self) -> dict[str, Any]:
         """API parameter name -> component, for the request fields this tab owns (in pipeline_utils.fields' order)."""
@@ -310,6 +281,9 @@ class OptimizationPanel:
     tile_stride_y: "gr.Number"
     plan: "gr.Markdown"
     leaks: "gr.Markdown"
+    plan_plot: "gr.BarPlot | None" = None  # the plan per stage: predicted GPU / RAM peaks against the budgets
+    live_plot: "gr.LinePlot | None" = None  # the last minute of memory
+    previews: "gr.Checkbox | None" = None  # latent previews on / off (the runner's setting, for every page)
 
     def fields(self) -> dict[str, Any]:
         names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y")
@@ -325,6 +299,18 @@ class GalleryPanel:
     refresh: "gr.Button"
     upscale: "gr.Button | None" = None  # finishing steps on the picked result
     interpolate: "gr.Button | None" = None
+    run_plot: "gr.LinePlot | None" = None  # the picked result's memory over time
+
+
+@dataclass
+class JobsPanel:
+    table: "gr.Markdown"
+    preview: "gr.Image"  # the running job's latent preview
+    result: "gr.Video"  # the latest finished job's video (this person's)
+    pick: "gr.Dropdown"  # a live job to stop
+    stop: "gr.Button"
+    data: "gr.JSON"  # the same list for API clients (/jobs)
+    shown: "gr.State"  # the result video this page shows (sent once, not every tick)
 
 
 @dataclass
@@ -338,6 +324,7 @@ class FitVideoApp:
     gallery: GalleryPanel
     active_task: "gr.State"
     queue_size: int = DEFAULT_QUEUE_SIZE
+    jobs: "JobsPanel | None" = None
 
 
 def render_inputs(task: str) -> "tuple[gr.Image | None, gr.File | None]":
@@ -428,11 +415,33 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                 )
                 used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False)
                 info = gr.Markdown(label="Info", elem_id=f"{task}-info")
+                preview = gr.Image(None, label="Preview while denoising (the latents, projected to colour)",
+                                   elem_id=f"{task}-preview", interactive=False, height=200, type="numpy")
+                run_plot = render_run_plot(f"{task}-run-chart")
     return TaskTab(
         task, tab, model_dd, note, prompt, negative, image, video, strength, seed, preset_radio, steps, guidance,
         frames, fps, resolution, plan, generate, stop, result, used_seed, info, guidance_2=guidance_2,
-        upscale=upscale, interpolate=interpolate, **lora,
+        upscale=upscale, interpolate=interpolate, run_plot=run_plot, preview=preview, **lora,
     )
+
+
+def render_run_plot(elem_id: str) -> "gr.LinePlot":
+    """A run's memory over time (its sidecar's memory_timeline), stage by stage."""
+    import gradio as gr
+
+    from pipeline_utils.charts import TIMELINE_PLOT
+
+    # Created empty (None), not with an empty DataFrame: Gradio 6 then draws no line when data arrives.
+    return gr.LinePlot(None, **TIMELINE_PLOT, label="Memory during the run", elem_id=elem_id, height=220)
+
+
+def run_plot_update(sidecar_data: dict | None) -> "gr.LinePlot":
+    import gradio as gr
+
+    from pipeline_utils.charts import marks_caption, timeline_chart
+
+    timeline = (sidecar_data or {}).get("memory_timeline")
+    return gr.LinePlot(timeline_chart(timeline), caption=marks_caption(timeline) or None)
 
 
 LORA_HEADERS = ["LoRA", "strength", "low-noise strength"]
@@ -467,7 +476,7 @@ def render_loras(task: str, model: str) -> dict[str, Any]:
             elem_id=f"{task}-loras",
         )
         with gr.Row():
-            shift = gr.Number(None, label="Shift", info="scheduler flow shift (Wan); 0 or empty = the model's",
+            shift = gr.Number(0, label="Shift", info="scheduler flow shift (Wan); 0 = the model's",
                               elem_id=f"{task}-shift")
             lora_preset = gr.Button("Use LoRA preset", visible=False, elem_id=f"{task}-lora-preset", size="sm")
     return dict(loras=loras, shift=shift, lora_pick=lora_pick, lora_preset=lora_preset)
@@ -530,6 +539,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     import gradio as gr
 
     from configs.schema import QUANTS, DecodeSettings, OffloadChoice
+    from pipeline_utils.charts import LIVE_PLOT, PLAN_PLOT
     from pipeline_utils.reports import cache_markdown, leak_markdown
 
     d = DecodeSettings()
@@ -537,6 +547,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
         with gr.Column(scale=1):
             gr.Markdown("### Memory (live)")
             memory = gr.Markdown(label="Memory", elem_id="memory-panel", elem_classes=["fv-memory"])
+            live_plot = gr.LinePlot(None, **LIVE_PLOT, label="Last minute", elem_id="live-chart", height=200)
             gr.Markdown("### Pipeline cache")
             cache = gr.Markdown(
                 cache_markdown(ctx.runner), label="Cache", elem_id="cache-panel", elem_classes=["fv-memory"]
@@ -556,6 +567,8 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
             )
             quant = gr.Radio([(PRECISION_LABELS[q], q) for q in QUANTS], value=ctx.default_quant, label="Precision")
             vae_tiling = gr.Checkbox(d.enable_vae_tiling, label="VAE tiling", info=TILING_HELP)
+            previews = gr.Checkbox(ctx.runner.previews, label="Latent previews while denoising", elem_id="previews",
+                                   info="a small picture of the latents every few steps (at most 5 % of the step time)")
             with gr.Row():
                 tile_x = gr.Number(d.tile_x, label="Tile width (px)", precision=0, minimum=32)
                 tile_y = gr.Number(d.tile_y, label="Tile height (px)", precision=0, minimum=32)
@@ -563,12 +576,35 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
                 stride_y = gr.Number(d.tile_stride_y, label="Stride y (px)", precision=0, minimum=32)
     gr.Markdown("### Pre-flight plan for the active tab")
     plan = gr.Markdown(label="Pre-flight plan", elem_id="plan-panel", elem_classes=["fv-plan"])
+    plan_plot = gr.BarPlot(None, **PLAN_PLOT, label="Predicted peaks per stage against the budgets",
+                           elem_id="plan-chart", height=260)
     gr.Markdown("### Memory after each run (leak sentinel)")
     leaks = gr.Markdown(leak_markdown(ctx.runner), label="Leak sentinel", elem_id="leak-panel")
     return OptimizationPanel(
         memory, cache, cache_pick, unload, unload_all, max_cache, offload, quant, vae_tiling,
-        tile_x, tile_y, stride_x, stride_y, plan, leaks,
+        tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews,
     )
+
+
+def render_jobs() -> JobsPanel:
+    """Every job the server has (this person's, with a login): seen from any tab, after any reload."""
+    import gradio as gr
+
+    with gr.Accordion("Jobs", open=True, elem_id="jobs-panel"):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                table = gr.Markdown("No jobs yet.", elem_id="jobs-table")
+                with gr.Row():
+                    pick = gr.Dropdown([], value=None, label="Job", elem_id="jobs-pick", scale=3, allow_custom_value=True,
+                                       info="a running or waiting job")
+                    stop = gr.Button("Stop job", variant="stop", elem_id="jobs-stop", scale=1)
+            with gr.Column(scale=2):
+                preview = gr.Image(None, label="Running job (latest preview)", elem_id="jobs-preview",
+                                   interactive=False, height=180, type="numpy")
+                result = gr.Video(None, label="Your latest result", elem_id="jobs-result", interactive=False,
+                                  height=180)
+        data = gr.JSON(visible=False)
+    return JobsPanel(table, preview, result, pick, stop, data, gr.State(""))
 
 
 def render_gallery() -> GalleryPanel:
@@ -586,7 +622,8 @@ def render_gallery() -> GalleryPanel:
         upscale = gr.Button("Upscale ×2", scale=1, elem_id="gallery-upscale")
         interpolate = gr.Button("Interpolate ×2", scale=1, elem_id="gallery-interpolate")
     details = gr.Markdown(label="Details", elem_id="gallery-details")
-    return GalleryPanel(gallery, pick, details, reuse, refresh, upscale, interpolate)
+    run_plot = render_run_plot("gallery-run-chart")
+    return GalleryPanel(gallery, pick, details, reuse, refresh, upscale, interpolate, run_plot)
 
 
 # =========================================================================== event handlers
@@ -627,8 +664,8 @@ def make_generate(ctx: AppContext, task: str):
     import gradio as gr
 
     from configs.schema import RequestError
+    from pipeline_utils.jobs import QueueFull
     from pipeline_utils.reports import result_markdown
-    from pipeline_utils.runner import Cancelled, RunFailed
 
     async def generate(request: gr.Request, progress=gr.Progress(), **values):
         # 1. The request; what the person should know about the input shows at once.
@@ -638,36 +675,26 @@ def make_generate(ctx: AppContext, task: str):
             raise gr.Error(str(exc)) from None
         for note in notes:
             gr.Warning(note)
-        # 2. Run in a worker thread with this event's context (gr.Progress lives in a contextvar).
-        key = (request.session_hash or "", task)
-        job = ctx.jobs.start(key)
-
-        def on_progress(event) -> None:
-            job.last = event
-            _progress_to_gradio(progress, event)
-
-        call = contextvars.copy_context().run
-        future = asyncio.get_running_loop().run_in_executor(
-            None, call, lambda: ctx.runner.generate(req, on_progress=on_progress, stop=job.stop)
-        )
+        # 2. A job in the server's queue (on disk before it runs): this page only waits for it and shows its
+        # progress; a closed or refreshed page loses nothing (the Jobs panel shows it, and its result).
         try:
-            result = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            # Gradio cancelled the event (the Stop button's `cancels`, or an API client's job.cancel()).
-            # Cancelling the task alone would leave the thread running: raise the stop flag and hold
-            # the GPU slot until the run has really ended and released its memory.
-            job.stop.set()
-            await asyncio.wait([future])
-            raise
-        except Cancelled:
-            return None, req.seed, stopped_text(job)
-        except (RequestError, RunFailed) as exc:  # messages written for the person: name the value, say what to do
+            job = ctx.queue.submit(task, req, ctx.runner.default_output(req), owner=request.username or "",
+                                   session=request.session_hash or "")
+        except QueueFull as exc:
             raise gr.Error(str(exc)) from None
-        except Exception as exc:  # the app stays up after any failed run
-            logger.exception("%s generation failed", task)
-            raise gr.Error(f"generation failed: {type(exc).__name__}: {exc}") from None
-        finally:
-            ctx.jobs.finish(key, job)
+        try:
+            await wait_for_job(ctx.queue, job, progress)
+        except asyncio.CancelledError:
+            # Gradio cancelled the event (the Stop button's `cancels`, or an API client's job.cancel()): stop
+            # the job, and hold this slot until a running one has really ended and released its memory.
+            ctx.queue.stop(job.id)
+            await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
+            raise
+        if job.state == "stopped":
+            return None, req.seed, stopped_text(job)
+        if job.state == "failed":
+            raise gr.Error(job.error)
+        result = job.result
         # the notes name the upload as the person knows it; the runner's own copy names the kept file
         finished = "".join(f"\n\n{f['step']} x{f['factor']} with {f['method']}: {f['frames_out']} frames, "
                            f"{f['size_out'][0]}x{f['size_out'][1]} at {f['fps_out']:g} fps -> **{Path(f['video']).name}**"
@@ -679,7 +706,22 @@ def make_generate(ctx: AppContext, task: str):
     return generate
 
 
-def stopped_text(job: Job) -> str:
+async def wait_for_job(queue: "JobQueue", job: "Job", progress) -> None:
+    """Until the job ends: its progress into this page's progress bar (waiting: its place in the queue)."""
+    shown: Any = None
+    while not job.done.is_set():
+        if job.state == "waiting":
+            ahead = queue.ahead(job)
+            if shown != ahead:
+                shown = ahead
+                progress(0.0, desc=f"waiting in the queue: {ahead} job{'s' if ahead != 1 else ''} ahead")
+        elif job.last is not shown and job.last is not None:
+            shown = job.last
+            _progress_to_gradio(progress, shown)
+        await asyncio.sleep(0.1)
+
+
+def stopped_text(job: "Job") -> str:
     where = job.last.message if job.last else "before the first step"
     return f"**Stopped** at {where}. Nothing was saved; memory was released; ready."
 
@@ -688,7 +730,9 @@ def make_stop(ctx: AppContext, task: str):
     import gradio as gr
 
     def stop(request: gr.Request) -> str:
-        job = ctx.jobs.stop((request.session_hash or "", task))
+        job = ctx.queue.find(request.session_hash or "", task)
+        if job is not None:
+            ctx.queue.stop(job.id)
         if job is None:
             return "Nothing was running in this tab."
         if not job.done.wait(STOP_WAIT_S):
@@ -729,6 +773,37 @@ def make_select(ctx: AppContext, task: str):
 
     select.__name__ = f"select_{task}"
     return select
+
+
+def make_plan_chart(ctx: AppContext, task: str):
+    """The Optimization tab's plan chart for the active tab's settings (after the plan text)."""
+    import gradio as gr
+
+    from configs.schema import RequestError
+    from pipeline_utils.charts import plan_chart
+
+    def chart(active: str, **values):
+        if active != task:
+            return gr.skip()
+        try:
+            _, plan = preview_request(ctx, task, values)
+        except RequestError:
+            plan = None
+        df = plan_chart(plan)
+        return gr.BarPlot(df, sort=list(df["bar"]))
+
+    chart.__name__ = f"plan_chart_{task}"
+    return chart
+
+
+def latest_sidecar(ctx: AppContext, task: str, seed: Any) -> dict | None:
+    """The newest result of `task` with `seed` (the one a tab just showed), as its sidecar's JSON."""
+    from pipeline_utils.results import list_results
+
+    for result in list_results(ctx.outputs_dir):
+        if result.data["request"].get("task") == task and result.data["request"].get("seed") == seed:
+            return result.data
+    return None
 
 
 def make_check_upload(task: str):
@@ -821,22 +896,64 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
         [c.change for c in kwargs.values()] + [app.demo.load], make_preview(ctx, tab.task), inputs=[app.active_task],
         inputs_kwargs=kwargs, outputs=[tab.plan_line, opt.plan], api_name=f"plan_{tab.task}", queue=False,
         show_progress="hidden", trigger_mode="always_last", **raw,
-    )
+    ).then(make_plan_chart(ctx, tab.task), inputs=[app.active_task], inputs_kwargs=kwargs, outputs=opt.plan_plot,
+           **hidden, **raw)
     tab.tab.select(
         make_select(ctx, tab.task), inputs_kwargs=kwargs, outputs=[app.active_task, tab.plan_line, opt.plan],
         **hidden, **raw,
-    )
+    ).then(make_plan_chart(ctx, tab.task), inputs=[app.active_task], inputs_kwargs=kwargs, outputs=opt.plan_plot,
+           **hidden, **raw)
 
     run = tab.generate.click(
         make_generate(ctx, tab.task), inputs_kwargs=kwargs, outputs=[tab.result, tab.used_seed, tab.info],
-        api_name=tab.task, concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[tab.result], **raw,
+        api_name=tab.task, concurrency_id="jobs", concurrency_limit=app.queue_size + 1, show_progress_on=[tab.result],
+        **raw,
     )
     run.success(
         lambda: after_run(app, tab.task), None,
         [opt.cache, opt.cache_pick, app.gallery.gallery, app.gallery.pick, tab.model], **hidden,
     )
+    run.success(lambda seed: run_plot_update(latest_sidecar(ctx, tab.task, seed)), tab.used_seed, tab.run_plot,
+                **hidden)
     # Stop ends a running job at its next step (the flag) and removes a queued one (cancels=).
     tab.stop.click(make_stop(ctx, tab.task), None, tab.info, cancels=[run], queue=False, api_name=f"stop_{tab.task}")
+
+
+def listen_jobs(app: FitVideoApp, timer) -> None:
+    """The Jobs panel from the server's queue, every tick and when the page loads; Stop for a picked job."""
+    import gradio as gr
+
+    from pipeline_utils.jobs import jobs_markdown
+
+    ctx, panel = app.ctx, app.jobs
+    hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
+
+    def refresh(shown: str, request: gr.Request):
+        jobs = ctx.queue.jobs(owner=request.username if request.username else None)
+        running = next((j for j in jobs if j.state == "running"), None)
+        latest = next((j.view()["video"] for j in jobs if j.state == "done" and j.view()["video"]), "")
+        live = [(f"{j.id} · {j.task.upper()} · {j.state}", j.id) for j in jobs if j.state in ("running", "waiting")]
+        mine = [running.preview if running is not None and running.session == request.session_hash
+                and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
+        return (jobs_markdown(jobs), running.preview if running is not None else None,
+                latest if latest != shown else gr.skip(), latest,
+                gr.Dropdown(choices=live, value=live[0][1] if live else None), *mine)
+
+    def listing(request: gr.Request) -> list[dict]:
+        return [j.view() for j in ctx.queue.jobs(owner=request.username if request.username else None)]
+
+    def stop(job_id: str | None, request: gr.Request) -> str:
+        job = ctx.queue.stop(job_id or "", owner=request.username if request.username else None)
+        if job is None:
+            raise gr.Error(f"no job {job_id!r} of yours is running or waiting")
+        gr.Info(f"job {job_id}: {'removed from the queue' if job.state == 'stopped' else 'stops at its next step'}")
+        return jobs_markdown(ctx.queue.jobs(owner=request.username if request.username else None))
+
+    outputs = [panel.table, panel.preview, panel.result, panel.shown, panel.pick,
+               *(tab.preview for tab in app.task_tabs.values())]
+    gr.on([timer.tick, app.demo.load], refresh, panel.shown, outputs, **hidden)
+    app.demo.load(listing, None, panel.data, api_name="jobs", queue=False)
+    panel.stop.click(stop, panel.pick, panel.table, api_name="stop_job", queue=False)
 
 
 def after_run(app: FitVideoApp, task: str) -> tuple:
@@ -872,6 +989,14 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
         info = vram_utils.probe()
         return memory_markdown(info), info.summary(), leak_markdown(ctx.runner)
 
+    def live_chart():
+        from pipeline_utils.charts import LIVE
+
+        LIVE.sample()
+        return LIVE.frame()
+
+    timer.tick(live_chart, None, opt.live_plot, **hidden)
+    opt.previews.input(lambda on: setattr(ctx.runner, "previews", bool(on)), opt.previews, None, **hidden)
     panels = [opt.memory, app.header, opt.leaks]
     timer.tick(memory_panels, None, panels, **hidden)
     app.demo.load(memory_panels, None, panels, api_name="memory", queue=False, show_progress="hidden")
@@ -881,12 +1006,14 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
 
     def unload(choice: str | None):
         if choice:
-            freed = ctx.runner.cache.unload(*choice.split("|"))
+            with ctx.gpu_lock:  # never from under a running job
+                freed = ctx.runner.cache.unload(*choice.split("|"))
             gr.Info(f"unloaded {choice.replace('|', ' · ')}: {fmt_bytes(freed)} freed")
         return refresh_cache()
 
     def unload_all():
-        freed = ctx.runner.cache.unload_all()
+        with ctx.gpu_lock:
+            freed = ctx.runner.cache.unload_all()
         gr.Info(f"unloaded every pipeline: {fmt_bytes(freed)} freed")
         return refresh_cache()
 
@@ -896,11 +1023,12 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
             raise gr.Error(f"MAX_CACHE_SIZE={n!r} is not allowed; use a whole number of 1 or more")
         cache = ctx.runner.cache
         cache.max_size = n
-        while len(cache) > n:  # least recently used first
-            cache.unload(*cache.keys()[0])
+        with ctx.gpu_lock:
+            while len(cache) > n:  # least recently used first
+                cache.unload(*cache.keys()[0])
         return refresh_cache()
 
-    # Loading and unloading share the GPU queue: an unload never pulls a pipeline from under a run.
+    # Unloads take the lock the job worker holds while a job runs: never a pipeline from under a run.
     gpu = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1)
     outputs = [opt.cache, opt.cache_pick]
     opt.unload.click(unload, opt.cache_pick, outputs, api_name="unload", **gpu)
@@ -937,7 +1065,9 @@ def listen_gallery(app: FitVideoApp) -> None:
     app.demo.load(refresh, None, [g.gallery, g.pick], api_name="gallery", queue=False)
     g.refresh.click(refresh, None, [g.gallery, g.pick], **hidden)
     g.gallery.select(select, None, g.pick, **hidden)
-    g.pick.change(details, g.pick, g.details, api_name="result_details", queue=False)
+    g.pick.change(details, g.pick, g.details, api_name="result_details", queue=False).then(
+        lambda name: run_plot_update(getattr(find_result(ctx.outputs_dir, name), "data", None)), g.pick, g.run_plot,
+        **hidden)
 
     outputs = [app.tabs, app.active_task, *app.optimization.fields().values()]
     for tab in app.task_tabs.values():
@@ -964,8 +1094,9 @@ def make_finish(app: FitVideoApp, step: str):
         if result is None:
             raise gr.Error(f"no saved result named {name!r} in {ctx.outputs_dir}; pick one from the gallery")
         try:
-            done = run_step(result.video, FinishStep(step, 2), ctx.runner.cache,
-                            lambda i, n, message: progress((i, n), desc=message, unit="frames"))
+            with ctx.gpu_lock:
+                done = run_step(result.video, FinishStep(step, 2), ctx.runner.cache,
+                                lambda i, n, message: progress((i, n), desc=message, unit="frames"))
         except RequestError as exc:  # e.g. a 1-frame video for interpolation: named, and the app stays up
             raise gr.Error(str(exc)) from None
         except Exception as exc:
@@ -1021,6 +1152,17 @@ def make_reuse(app: FitVideoApp):
 # =========================================================================== build and serve
 
 
+def start_queue(ctx: AppContext, queue_size: int) -> "JobQueue":
+    """The job queue on `<outputs>/.queue`, read back after a restart, its worker started."""
+    from pipeline_utils.jobs import QUEUE_SUBDIR, JobQueue, is_complete, latents_saved, run_job
+
+    queue = JobQueue(ctx.outputs_dir / QUEUE_SUBDIR, lambda job: run_job(ctx.runner, job, ctx.gpu_lock),
+                     max_waiting=queue_size)
+    queue.notes = queue.recover(is_complete, latents_saved)
+    queue.start()
+    return queue
+
+
 def build_app(
     runner: "Runner",
     default_quant: str = "none",
@@ -1038,6 +1180,7 @@ def build_app(
 
     ctx = AppContext(runner, Path(runner.outputs_dir), default_quant, models_dir=Path(models_dir) if models_dir else None)
     remove_partials(ctx.outputs_dir)  # a killed run never leaves a half video in the gallery
+    ctx.queue = start_queue(ctx, queue_size)  # jobs a restart left waiting run again
     statuses = {task: model_statuses(task, ctx.models_dir) for task in TASKS}
     demo_only = not any(s.ready and not s.tiny for ss in statuses.values() for s in ss)
 
@@ -1051,6 +1194,7 @@ def build_app(
                 "is selected so Generate works on the first click. Real models are one choice away in the model list."
             )
         active_task = gr.State("t2v")
+        jobs = render_jobs()
         with gr.Tabs(selected="t2v") as tabs:
             task_tabs = {task: render_task_tab(task, statuses[task]) for task in TASKS}
             with gr.Tab("Gallery", id="gallery"):
@@ -1058,9 +1202,10 @@ def build_app(
             with gr.Tab("Optimization", id="optimization"):
                 optimization = render_optimization(ctx)
         timer = gr.Timer(memory_refresh_s)
-        app = FitVideoApp(demo, ctx, header, tabs, task_tabs, optimization, gallery, active_task, queue_size)
+        app = FitVideoApp(demo, ctx, header, tabs, task_tabs, optimization, gallery, active_task, queue_size, jobs)
         for tab in task_tabs.values():
             listen_task_tab(app, tab)
+        listen_jobs(app, gr.Timer(JOBS_REFRESH_S))
         listen_optimization(app, timer)
         listen_gallery(app)
     return app

@@ -197,8 +197,8 @@ class GenerationRequest:
         data = dict(data)
         if isinstance(data.get("decode"), dict):
             data["decode"] = DecodeSettings(**data["decode"])
-        if data.get("loras"):
-            data["loras"] = tuple(LoraChoice(**c) if isinstance(c, dict) else c for c in data["loras"])
+        if "loras" in data:
+            data["loras"] = tuple(LoraChoice(**c) if isinstance(c, dict) else c for c in data["loras"] or ())
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

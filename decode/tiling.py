@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for the blend weights: the planner imports the arithmetic without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,11 @@ class TileLayout:
     @property
     def tiled(self) -> bool:
         return self.count > 1
+
+    @property
+    def overhead(self) -> float:
+        """Pixels through the decoder over the frame's pixels: 1.0 untiled, more with every overlap."""
+        return self.count * self.tile_h * self.tile_w / (self.height * self.width)
 
     def tiles(self) -> list[tuple[int, int]]:
         """(y0, x0) latent starts, row by row."""
@@ -87,12 +94,21 @@ def plan_tiles(
     return TileLayout(latent_h, latent_w, size_h, size_w, ys, xs, factor, tile_h, tile_w)
 
 
+def frame_layout(
+    frame_px: tuple[int, int], factor: int, tile_px: tuple[int, int] | None, stride_px: tuple[int, int]
+) -> TileLayout:
+    """`plan_tiles` for a frame of (height, width) output pixels: what the stream decodes for these settings."""
+    return plan_tiles(max(1, frame_px[0] // factor), max(1, frame_px[1] // factor), factor, tile_px, stride_px)
+
+
 def _ramp(size: int, before: int, after: int) -> torch.Tensor:
     """1-D weights over one tile axis: rising across the overlap with the tile before, falling across the one after.
 
     Values are (k + 0.5) / overlap, so they never reach 0 (every pixel keeps a weight) and two complementary
     ramps sum to exactly 1.
     """
+    import torch
+
     k = torch.arange(size, dtype=torch.float32) + 0.5
     w = torch.ones(size)
     if before > 0:

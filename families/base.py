@@ -22,6 +22,7 @@ from typing import Any
 
 Configs = dict[str, dict[str, Any]]  # component -> its config values (diffusers / transformers config.json keys)
 Parts = dict[str, dict[str, int]]  # component -> {"total", "largest_leaf", "non_block", "block_leaf"} parameter counts
+RgbProjection = tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]  # (factors C x 3, bias 3)
 
 
 # --------------------------------------------------------------------------- architecture numbers
@@ -150,6 +151,13 @@ class ModelFamily:
     default_fps: int = 16
     default_frames: int = 81
     max_frames: int = 81
+    # Latent preview (pipeline_utils/preview.py): a linear latent -> RGB projection, rgb = x @ factors + bias
+    # with rgb in [-1, 1], one (R, G, B) row per latent channel, as published (each family names the source and
+    # the latent space they were published for). `preview_latents` gives the (B, C, F, H, W) view of the callback
+    # latents, `rgb_projection` the factors for the pipeline's own latent space (any VAE scaling folded in);
+    # a latent width without published numbers gets `fallback_rgb_projection`.
+    latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
+    latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     # ---------------------------------------------------------------- recognising a pipeline folder
     def serves(self, class_name: str) -> bool:
@@ -192,9 +200,34 @@ class ModelFamily:
         """(pipeline latents) -> (B, C, F_latent, H, W), scaled as the VAE's decode expects."""
         raise NotImplementedError
 
+    def preview_latents(self, latents):
+        """(pipeline latents, as `callback_on_step_end` sees them) -> a (B, C, F, H, W) view, values untouched."""
+        raise NotImplementedError
+
+    def rgb_projection(self, channels: int, pipe=None) -> RgbProjection:
+        """(factors, bias) that map the pipeline's own latents (in `preview_latents` layout) to RGB in [-1, 1].
+
+        The published set when `channels` matches it, with any change of space (VAE scaling, normalisation)
+        folded into the factors, `pipe` giving the VAE config where that depends on it; else the fallback.
+        """
+        if len(self.latent_rgb_factors) == channels:
+            return self.latent_rgb_factors, self.latent_rgb_bias
+        return fallback_rgb_projection(channels)
+
     def vae_spatial_ratio(self, vae) -> int:
         raise NotImplementedError
 
     def enable_vae_tiling(self, vae, tile: tuple[int | None, int | None], stride: tuple[int | None, int | None]) -> None:
         """diffusers' tiled encode/decode with (height, width) tiles and strides in output pixels (None: the VAE's)."""
         raise NotImplementedError
+
+
+def fallback_rgb_projection(channels: int) -> RgbProjection:
+    """A colour-free stand-in for latents without published factors (the tiny models' narrow latents).
+
+    Not a colour model: channel c feeds colour c % 3, averaged, so the preview shows the latent's spatial
+    structure (and how it sharpens over the steps) but its colours mean nothing.
+    """
+    counts = [len(range(k, channels, 3)) or 1 for k in range(3)]
+    rows = tuple(tuple(0.5 / counts[k] if c % 3 == k else 0.0 for k in range(3)) for c in range(channels))
+    return rows, (0.0, 0.0, 0.0)

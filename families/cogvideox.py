@@ -8,6 +8,8 @@
   The text tokens join the video sequence (joint attention), and cond + uncond run as one batch of 2.
 - Latents: the pipeline returns (B, F, C, H, W) scaled by `scaling_factor`; CogVideoX 1.5 pads the front to a
   multiple of `patch_size_t`.
+- Latent preview: kijai's ComfyUI-CogVideoXWrapper factors (ComfyUI itself publishes none for CogVideoX),
+  hand-tuned; COGVIDEOX_RGB_FACTORS below says where from, for which latent space, and how it is converted.
 - VAE: AutoencoderKLCogVideoX, 8x spatial / 4x temporal; diffusers decodes 2 latent frames per chunk (the
   remainder joins the first). Chunked causal decode: decode/causal.py `CogVideoXCausal`.
 - diffusers' tiling keeps `tile - int(tile * f)` pixel rows per tile but steps `int(L * (1 - f))` latent rows,
@@ -32,6 +34,42 @@ VAE_TINY = VaeProfile(  # pipeline_utils/tiny.py's miniature (8 channels), float
 VAE_PROFILES = {(128, 16): VAE_FULL, (8, 4): VAE_TINY}
 FULL_TOP_CHANNELS = 128
 
+# Latent preview. ComfyUI publishes no CogVideoX preview factors: its comfy/latent_formats.py `CogVideoX` /
+# `CogVideoX1_5` formats (present at Comfy-Org/ComfyUI 75399d78ddcc01f46f9b94521b29f1fe8a90ed53, absent at
+# a125cd84b054 of 2025-10-11) set only `scale_factor`. The one published set is kijai's ComfyUI-CogVideoXWrapper,
+# pipeline_cogvideox.py class `CogVideoXLatentFormat` (`latent_rgb_factors`, `latent_rgb_factors_bias`),
+# https://github.com/kijai/ComfyUI-CogVideoXWrapper/blob/fdb8abd2790b5459ddc7066c31861bb0b62e988b/pipeline_cogvideox.py
+# copied verbatim below. They are hand-tuned, not a fit to VAE decodes (the wrapper's `CogVideoLatentPreview` node
+# draws random factors in +-0.15 from a seed to try by eye), so expect rough colours. Their space: the wrapper's
+# sampler hands ComfyUI's Latent2RGB previewer `5 * x0_pred` in the pipeline's latent space (raw VAE latent *
+# the VAE's `scaling_factor`). Which scaling they were tuned under is not stated; the format's `scale_factor =
+# 0.7` (the 5B-class VAE config) says 5B, so we take them as factors for 5 * 0.7 * raw = 3.5 * raw, and
+# `rgb_projection` folds 5 * 0.7 / scaling_factor into them so that callback latents of either VAE scaling
+# (2B: 1.15258426, 5B / 1.5: 0.7) map one raw latent to one colour. FitVideo projects the noisy latents that
+# diffusers' callback carries (no x0 prediction there), so early previews are noisy. No real CogVideoX VAE
+# weights were at hand to fit or check these numbers against.
+COGVIDEOX_RGB_FACTORS = (  # 16 channels, verbatim
+    (0.03197404301362048, 0.04091260743347359, 0.0015679806301828524),
+    (0.005517101026578029, 0.0052348639043457755, -0.005613441650464035),
+    (0.0012485338264583965, -0.016096744206117782, 0.025023940031635054),
+    (0.01760126794276171, 0.0036818415416642893, -0.0006019202528157255),
+    (0.000444954842288864, 0.006102128982092191, 0.0008457999272962447),
+    (-0.010531904354560697, -0.0032275501924977175, -0.00886595780267917),
+    (-0.0001454543946122991, 0.010199210750845965, -0.00012702234832386188),
+    (0.02078497279904325, -0.001669617778939972, 0.006712703698951264),
+    (0.005529571599763264, 0.009733929789086743, 0.001887302765339838),
+    (0.012138415094654218, 0.024684961927224837, 0.037211249767461915),
+    (0.0010364484570000384, 0.01983636315929172, 0.009864602025627755),
+    (0.006802862648143341, -0.0010509255113510681, -0.007026003345126021),
+    (0.0003532208468418043, 0.005351971582801936, -0.01845912126717106),
+    (-0.009045079994694397, -0.01127941143183089, 0.0042294057970470806),
+    (0.002548289972720752, 0.025224244654428216, -0.0006086130121693347),
+    (-0.011135669222532816, 0.0018181308593668505, 0.02794541485349922),
+)
+COGVIDEOX_RGB_BIAS = (-0.023, 0.0, -0.017)
+COGVIDEOX_PREVIEW_GAIN = 5.0  # the wrapper's `callback_tensor * 5`
+COGVIDEOX_PREVIEW_SCALING = 0.7  # the wrapper format's `scale_factor` (the VAE scaling the factors saw)
+
 
 class CogVideoX(ModelFamily):
     name = "cogvideox"
@@ -45,6 +83,8 @@ class CogVideoX(ModelFamily):
     default_fps = 8
     default_frames = 49
     max_frames = 49
+    latent_rgb_factors = COGVIDEOX_RGB_FACTORS
+    latent_rgb_bias = COGVIDEOX_RGB_BIAS
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:
@@ -94,6 +134,20 @@ class CogVideoX(ModelFamily):
         extra = patch_t - latent_frames % patch_t if patch_t and latent_frames % patch_t else 0
         z = latents[:, extra:].permute(0, 2, 1, 3, 4)  # (B, F, C, H, W) -> (B, C, F, H, W)
         return z / pipe.vae.config.scaling_factor
+
+    def preview_latents(self, latents):
+        # (B, F, C, H, W) -> (B, C, F, H, W), a view. CogVideoX 1.5's front padding frames stay (to_vae_latents
+        # drops them; a preview does not need the frame count it takes).
+        return latents.permute(0, 2, 1, 3, 4)
+
+    def rgb_projection(self, channels: int, pipe=None):
+        factors, bias = super().rgb_projection(channels, pipe)
+        if factors is not COGVIDEOX_RGB_FACTORS:
+            return factors, bias
+        # the factors want 5 * 0.7 * raw and the callback latents are scaling_factor * raw (see COGVIDEOX_RGB_FACTORS)
+        scaling = float(pipe.vae.config.scaling_factor) if pipe is not None else COGVIDEOX_PREVIEW_SCALING
+        gain = COGVIDEOX_PREVIEW_GAIN * COGVIDEOX_PREVIEW_SCALING / scaling
+        return tuple(tuple(v * gain for v in row) for row in factors), bias
 
     def vae_spatial_ratio(self, vae) -> int:
         return 2 ** (len(vae.config.block_out_channels) - 1)

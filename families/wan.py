@@ -10,6 +10,8 @@
 - Text: a UMT5-XXL encoder reading at most 512 tokens (the tokenizer's `model_max_length` where smaller); the
   transformer cross-attends to it, and cond / uncond run one after the other (no batch of 2).
 - Latents: the pipeline returns (B, C, F, H, W) normalised per channel (`latents_mean` / `latents_std`).
+- Latent preview: ComfyUI's published `Wan21` / `Wan22` latent -> RGB factors, on the normalised latents as
+  the pipeline keeps them (WAN21_RGB_FACTORS below says where from and why no transform).
 - VAE: AutoencoderKLWan, causal frame by frame (one latent frame per chunk), 8x spatial (Wan 2.2: 16x, with
   a patchified 48-channel latent) and 4x temporal. Chunked causal decode: decode/causal.py `WanCausal`.
 - Memory: activation coefficients measured on the real architectures with random weights
@@ -39,6 +41,46 @@ VAE_PROFILES = {(96, 16): VAE_21, (256, 48): VAE_22, (3, 16): VAE_TINY}
 FULL_TOP_CHANNELS = 96
 MAX_TEXT_TOKENS = 512
 
+# Latent preview factors: ComfyUI comfy/latent_formats.py, classes `Wan21` and `Wan22` (`latent_rgb_factors`,
+# `latent_rgb_factors_bias`),
+# https://github.com/Comfy-Org/ComfyUI/blob/a125cd84b054a57729b5eecab930ca9408719832/comfy/latent_formats.py
+# (the same numbers at 75399d78ddcc01f46f9b94521b29f1fe8a90ed53). One (R, G, B) row per latent channel, output in
+# [-1, 1]. Space: ComfyUI's Latent2RGB previewer (latent_preview.py) applies them to the sampler's `denoised`,
+# which is in the model's space, `process_in`-ed = (raw - latents_mean) / latents_std: exactly diffusers' Wan
+# pipeline latents (the pipeline un-normalises with `latents * std + mean` only before the VAE decode). So the
+# callback latents take them as they are; only ComfyUI's TAEHV previewer `process_out`s first. ComfyUI previews the
+# x0 prediction; diffusers' callback carries the noisy latents, so FitVideo's early previews are noisier.
+WAN21_RGB_FACTORS = (  # 16 channels: Wan 2.1 VAE (Wan 2.1 all, Wan 2.2 A14B)
+    (-0.1299, -0.1692,  0.2932), ( 0.0671,  0.0406,  0.0442),
+    ( 0.3568,  0.2548,  0.1747), ( 0.0372,  0.2344,  0.1420),
+    ( 0.0313,  0.0189, -0.0328), ( 0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925), ( 0.0166,  0.1902,  0.1975),
+    (-0.0412,  0.0267, -0.1364), (-0.1293,  0.0740,  0.1636),
+    ( 0.0680,  0.3019,  0.1128), ( 0.0032,  0.0581,  0.0639),
+    (-0.1251,  0.0927,  0.1699), ( 0.0060, -0.0633,  0.0005),
+    ( 0.3477,  0.2275,  0.2950), ( 0.1984,  0.0913,  0.1861),
+)
+WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
+WAN22_RGB_FACTORS = (  # 48 channels: Wan 2.2 VAE (TI2V 5B)
+    ( 0.0119,  0.0103,  0.0046), (-0.1062, -0.0504,  0.0165), ( 0.0140,  0.0409,  0.0491),
+    (-0.0813, -0.0677,  0.0607), ( 0.0656,  0.0851,  0.0808), ( 0.0264,  0.0463,  0.0912),
+    ( 0.0295,  0.0326,  0.0590), (-0.0244, -0.0270,  0.0025), ( 0.0443, -0.0102,  0.0288),
+    (-0.0465, -0.0090, -0.0205), ( 0.0359,  0.0236,  0.0082), (-0.0776,  0.0854,  0.1048),
+    ( 0.0564,  0.0264,  0.0561), ( 0.0006,  0.0594,  0.0418), (-0.0319, -0.0542, -0.0637),
+    (-0.0268,  0.0024,  0.0260), ( 0.0539,  0.0265,  0.0358), (-0.0359, -0.0312, -0.0287),
+    (-0.0285, -0.1032, -0.1237), ( 0.1041,  0.0537,  0.0622), (-0.0086, -0.0374, -0.0051),
+    ( 0.0390,  0.0670,  0.2863), ( 0.0069,  0.0144,  0.0082), ( 0.0006, -0.0167,  0.0079),
+    ( 0.0313, -0.0574, -0.0232), (-0.1454, -0.0902, -0.0481), ( 0.0714,  0.0827,  0.0447),
+    (-0.0304, -0.0574, -0.0196), ( 0.0401,  0.0384,  0.0204), (-0.0758, -0.0297, -0.0014),
+    ( 0.0568,  0.1307,  0.1372), (-0.0055, -0.0310, -0.0380), ( 0.0239, -0.0305,  0.0325),
+    (-0.0663, -0.0673, -0.0140), (-0.0416, -0.0047, -0.0023), ( 0.0166,  0.0112, -0.0093),
+    (-0.0211,  0.0011,  0.0331), ( 0.1833,  0.1466,  0.2250), (-0.0368,  0.0370,  0.0295),
+    (-0.3441, -0.3543, -0.2008), (-0.0479, -0.0489, -0.0420), (-0.0660, -0.0153,  0.0800),
+    (-0.0101,  0.0068,  0.0156), (-0.0690, -0.0452, -0.0927), (-0.0145,  0.0041,  0.0015),
+    ( 0.0421,  0.0451,  0.0373), ( 0.0504, -0.0483, -0.0356), (-0.0837,  0.0168,  0.0055),
+)
+WAN22_RGB_BIAS = (0.0317, -0.0878, -0.1388)
+
 
 class Wan(ModelFamily):
     name = "wan"
@@ -52,6 +94,8 @@ class Wan(ModelFamily):
     default_fps = 16
     default_frames = 81
     max_frames = 81
+    latent_rgb_factors = WAN21_RGB_FACTORS
+    latent_rgb_bias = WAN21_RGB_BIAS
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:
@@ -100,6 +144,15 @@ class Wan(ModelFamily):
         mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1).to(latents.device, latents.dtype)
         return latents * std + mean  # (B, C, F, H, W)
+
+    def preview_latents(self, latents):
+        return latents  # (B, C, F, H, W) already
+
+    def rgb_projection(self, channels: int, pipe=None):
+        # the pipeline's latents are normalised: the space the ComfyUI factors are for (see WAN21_RGB_FACTORS)
+        if channels == len(WAN22_RGB_FACTORS):
+            return WAN22_RGB_FACTORS, WAN22_RGB_BIAS
+        return super().rgb_projection(channels, pipe)
 
     def vae_spatial_ratio(self, vae) -> int:
         return self._spatial(dict(vae.config))

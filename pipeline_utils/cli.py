@@ -61,6 +61,19 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="latent frames per decode chunk (0 = auto)")
 
 
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=("auto", "bar", "lines", "off"), default="auto",
+                        help="progress on stderr: a bar redrawn in place (auto on a terminal), one line per stage "
+                             "(auto elsewhere: pipes, log files), or off")
+
+
+def progress_renderer(args: argparse.Namespace):
+    """The progress display of a command (pipeline_utils.progress), on stderr beside the log."""
+    from pipeline_utils.progress import ProgressRenderer
+
+    return ProgressRenderer(sys.stderr, getattr(args, "progress", "auto"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="FitVideo headless commands")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "two-expert models take a low-noise expert's strength after a second colon. Repeatable")
     g.add_argument("--loras-dir", default=None, help="the LoRA folder (default $FITVIDEO_HOME/loras)")
     g.add_argument("--shift", type=float, default=None, help="scheduler flow shift (Wan; a distill LoRA's preset)")
+    add_progress_flag(g)
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
     d.add_argument("--latents", required=True, help="the <video>.latents.pt a run saved before decoding")
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=get_args(DType), default=None, help="VAE precision")
     d.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     d.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_progress_flag(d)
     add_finishing_parsers(sub)
     return parser
 
@@ -125,11 +140,13 @@ def add_finishing_parsers(sub) -> None:
     u.add_argument("--tile", type=int, default=None, help="largest tile in output pixels (0 = whole frames; default 512)")
     u.add_argument("--out", default=None, help="output mp4 (default: <video>_up<scale>.mp4)")
     u.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_progress_flag(u)
     i = sub.add_parser("interpolate", help="interpolate a video x2 / x4: N frames -> (N-1) x factor + 1 at factor x fps")
     i.add_argument("--video", required=True, help="input video")
     i.add_argument("--factor", type=int, default=2, help="2 or 4")
     i.add_argument("--method", default="auto", help="auto / minterpolate (ffmpeg motion-compensated, no model)")
     i.add_argument("--out", default=None, help="output mp4 (default: <video>_int<factor>.mp4)")
+    add_progress_flag(i)
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
@@ -144,13 +161,15 @@ def run_generate(args: argparse.Namespace) -> int:
     from pipeline_utils.runner import Runner
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
+    runner.previews = False  # a terminal cannot show them
     req = resolve_request(request_from_args(args))  # RequestError (exit 2) before anything loads
     plan = runner.plan(req)
     if args.plan:
         print(plan_markdown(req, plan))
         return 0
     logger.info("%s", plan_line(plan, details="app.py generate --plan shows the full plan"))
-    result = runner.generate(req, out_path=args.out)
+    with progress_renderer(args) as progress:  # loading, encoding, denoising k/N, decoding j/M, finishing
+        result = runner.generate(req, out_path=args.out, on_progress=progress)
     print(result.video_path)
     for finished in result.finishing:  # finishing steps' videos, in order; the last is the finished one
         print(finished["video"])
@@ -162,8 +181,9 @@ def run_decode(args: argparse.Namespace) -> int:
     from pipeline_utils.redecode import redecode
 
     # Flags left out (None) keep the decode settings the run used.
-    result = redecode(args.latents, args.out, decode_overrides(vars(args)), fps=args.fps, dtype=args.dtype,
-                      device=args.device)
+    with progress_renderer(args) as progress:
+        result = redecode(args.latents, args.out, decode_overrides(vars(args)), fps=args.fps,
+                          vae={"dtype": args.dtype, "device": args.device}, on_progress=progress)
     print(result.video_path)
     stats = result.stats
     logger.info(
@@ -181,7 +201,9 @@ def run_finishing(args: argparse.Namespace) -> int:
     step = (FinishStep("upscale", args.scale, args.method, args.weights) if args.command == "upscale"
             else FinishStep("interpolate", args.factor, args.method))
     check_steps([step])
-    result = run_step(Path(args.video), step, out=args.out, tile_px=getattr(args, "tile", None))
+    with progress_renderer(args) as progress:  # "upscaling frame 17/49"
+        on_frame = lambda i, n, message: progress.update("finishing", i, n, message)  # noqa: E731
+        result = run_step(Path(args.video), step, None, on_frame, out=args.out, tile_px=getattr(args, "tile", None))
     print(result.video)
     print(f"method: {result.method}", file=sys.stderr)
     for note in result.notes:

@@ -295,11 +295,32 @@ def apply_loras(pipe, active: tuple[ActiveLora, ...]) -> None:
         return  # already so: no hook comes off, nothing moves
     remove_all_offload(pipe)
     for i, module in modules:
+        _own_adapter_tensors(module)
         sync_module(type(pipe), module, {n: (a.file, s) for n, (a, s) in wanted_by[i].items()})
 
 
+def _own_adapter_tensors(module: torch.nn.Module) -> None:
+    """Adapter weights an offload hook moved during a run (under torch.inference_mode) are inference tensors;
+    peft's set_adapter / delete_adapter set requires_grad on them, which torch refuses: copy them back to
+    ordinary tensors (adapter weights only: small)."""
+    with torch.inference_mode(False):
+        for pname, param in module.named_parameters():
+            if ".lora_" in pname and param.is_inference():
+                param.data = param.data.clone()
+
+
+def _slots(module) -> dict[str, tuple[str, str]]:
+    """peft adapter slot -> (LoRA key, shape key) of what it holds now (slots peft no longer has are gone)."""
+    have = set(getattr(module, "peft_config", None) or {})
+    return {s: v for s, v in getattr(module, "_fitvideo_slots", {}).items() if s in have}
+
+
 def _loaded(module) -> set[str]:
-    return set(getattr(module, "peft_config", None) or {})
+    """The LoRAs (`LoraFile.adapter` keys) loaded in a transformer."""
+    return {key for key, _ in _slots(module).values()}
+
+
+loaded_adapters = _loaded  # public: what a transformer holds
 
 
 def _strengths(module) -> dict[str, float]:
@@ -307,40 +328,65 @@ def _strengths(module) -> dict[str, float]:
 
 
 def sync_module(pipe_cls, module: torch.nn.Module, wanted: dict[str, tuple[LoraFile, float]]) -> None:
-    """One transformer to `wanted` (adapter -> (file, strength)): delete, load, set strengths; none -> unload."""
-    loaded = _loaded(module)
+    """One transformer to `wanted` (LoRA key -> (file, strength)). Adapters live in peft slots (`fv0`, `fv1`,
+    …): a new LoRA with the same layers and ranks as one no longer wanted is hot-swapped into its slot (its
+    weights copied in place: no new layers), others get a new slot; slots left over are deleted; none -> unload."""
+    slots = _slots(module)
     if not wanted:
-        if loaded:
+        if getattr(module, "peft_config", None):
             module.unload_lora()  # peft's layers out: the base modules back, bitwise
             logger.info("LoRAs unloaded from %s", type(module).__name__)
-        module._fitvideo_lora_strengths = {}
+        module._fitvideo_slots, module._fitvideo_lora_strengths = {}, {}
         return
-    gone = sorted(loaded - set(wanted))
-    if gone:
-        module.delete_adapters(gone)
-    for name in [n for n in wanted if n not in loaded]:
-        _load_adapter(pipe_cls, module, wanted[name][0], name)
-    names = list(wanted)
-    module.set_adapters(names, [wanted[n][1] for n in names])
-    module._fitvideo_lora_strengths = {n: wanted[n][1] for n in names}
+    keep = {s: v for s, v in slots.items() if v[0] in wanted}
+    free = [s for s in slots if s not in keep]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small copies: one thread is faster than waiting for a busy second one
+    try:
+        for key in [k for k in wanted if k not in {v[0] for v in keep.values()}]:
+            slot, shape = _load_adapter(pipe_cls, module, wanted[key][0], {s: slots[s][1] for s in free})
+            if slot in free:
+                free.remove(slot)
+            keep[slot] = (key, shape)
+            module._fitvideo_slots = {**_slots(module), **keep}
+    finally:
+        torch.set_num_threads(threads)
+    if free:
+        module.delete_adapters(free)
+    module._fitvideo_slots = keep
+    module.set_adapters(list(keep), [wanted[keep[s][0]][1] for s in keep])
+    module._fitvideo_lora_strengths = {key: wanted[key][1] for key, _ in keep.values()}
 
 
-def _load_adapter(pipe_cls, module: torch.nn.Module, file: LoraFile, name: str) -> None:
-    family = file.signature.family
-    sd = converted_state_dict(file.path, family)
+def _shape_key(sd: dict[str, torch.Tensor]) -> str:
+    """The layers and ranks a converted LoRA adapts (what decides whether it can be hot-swapped in)."""
+    return hashlib.sha1(repr(sorted((k, tuple(v.shape)) for k, v in sd.items())).encode()).hexdigest()[:16]
+
+
+def _load_adapter(pipe_cls, module: torch.nn.Module, file: LoraFile, free: dict[str, str]) -> tuple[str, str]:
+    """Load `file` into a free slot of the same shape (hot swap) or a new one; returns (slot, shape key)."""
+    sd = converted_state_dict(file.path, file.signature.family)
     if hasattr(pipe_cls, "_maybe_expand_t2v_lora_for_i2v"):
         sd = pipe_cls._maybe_expand_t2v_lora_for_i2v(transformer=module, state_dict=sd)  # a T2V LoRA on I2V
+    shape = _shape_key(sd)
+    slot = next((s for s, sh in free.items() if sh == shape), None)
+    hotswap = slot is not None
+    if slot is None:
+        taken = set(getattr(module, "peft_config", None) or {})
+        slot = next(f"fv{i}" for i in range(len(taken) + 1) if f"fv{i}" not in taken)
     try:
-        pipe_cls.load_lora_into_transformer(sd, transformer=module, adapter_name=name)
+        pipe_cls.load_lora_into_transformer(sd, transformer=module, adapter_name=slot, hotswap=hotswap,
+                                            low_cpu_mem_usage=not hotswap)
     except Exception as e:  # noqa: BLE001  (shapes that do not match, a format peft refuses)
-        if name in _loaded(module):
-            module.delete_adapters([name])
-        if not _loaded(module):
+        if not hotswap and slot in (getattr(module, "peft_config", None) or {}):
+            module.delete_adapters([slot])
+        if not getattr(module, "peft_config", None):
             module.unload_lora()
         raise LoraError(f"LoRA {file.name!r} could not be loaded into {type(module).__name__}: {e}") from None
-    _keep_adapters_in_compute_dtype(module, name)
-    logger.info("LoRA %s loaded (%s parameters, rank %d)", file.name, f"{file.signature.params:,}",
-                file.signature.rank)
+    _keep_adapters_in_compute_dtype(module, slot)
+    logger.info("LoRA %s %s (%s parameters, rank %d)", file.name, "hot-swapped in" if hotswap else "loaded",
+                f"{file.signature.params:,}", file.signature.rank)
+    return slot, shape
 
 
 def _keep_adapters_in_compute_dtype(module: torch.nn.Module, name: str) -> None:

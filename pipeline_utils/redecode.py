@@ -59,11 +59,15 @@ def redecode(
     out: str | Path,
     overrides: dict | None = None,
     fps: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    vae: dict | None = None,
+    on_progress=None,
 ) -> RedecodeResult:
     """Decode a saved latents file into `out` (mp4): the run's own decode settings, with `overrides`
-    (DecodeSettings field -> value) applied."""
+    (DecodeSettings field -> value) applied. `vae`: {"dtype": ..., "device": ...} for the VAE (None: the
+    run's dtype, the best device); `on_progress(ProgressEvent)`: loading, then each decode chunk."""
+    from pipeline_utils.runner import ProgressEvent
+
+    emit = on_progress or (lambda event: None)
     # 1. Read the latents and the request they came from; check the settings before anything loads.
     saved = load_latents(latents_path)
     req = saved.request
@@ -77,11 +81,13 @@ def redecode(
         raise RequestError(f"the request in {str(saved.path)!r} has no fps; pass --fps")
     # 2. Load the VAE only (not the transformer or text encoder).
     t0 = time.perf_counter()
-    vae = load_vae(req.model, req.task, dtype=dtype, device=device)
+    emit(ProgressEvent("loading", message=f"loading the VAE of {req.model}"))
+    vae_module = load_vae(req.model, req.task, dtype=(vae or {}).get("dtype"), device=(vae or {}).get("device"))
     load_s = time.perf_counter() - t0
     # 3. Stream-decode into the video file (temporary name, renamed when complete).
     with vram_utils.PeakMeter() as meter, decode.VideoWriter(out, fps) as writer:
-        stats = decode.stream_decode(vae, saved.latents, settings, writer)
+        stats = decode.stream_decode(vae_module, saved.latents, settings, writer, on_chunk=lambda j, m: emit(
+            ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}")))
     # 4. Sidecar, in the runner's format: what was decoded, how, how long, how much memory.
     sidecar = Sidecar(
         video=out.name, request=req, kind="decode", latents=str(saved.path), frames=stats.frames,

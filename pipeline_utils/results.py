@@ -84,6 +84,7 @@ class Sidecar:
     version: int = SIDECAR_VERSION
     finishing: list[dict] = field(default_factory=list)  # finishing steps (postprocess.FinishResult.to_dict())
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied: name, file, bytes, strength(s)
+    memory_timeline: dict | None = None  # samples (t, rss, GPU) a few times a second, with stage marks
 
     @property
     def predicted(self) -> dict[str, int]:
@@ -115,6 +116,7 @@ class Sidecar:
             "created": self.created,
             "finishing": list(self.finishing),
             "loras": list(self.loras),
+            "memory_timeline": self.memory_timeline,
         }
 
     @classmethod
@@ -153,6 +155,7 @@ class Sidecar:
             version=version,
             finishing=list(data.get("finishing") or []),
             loras=list(data.get("loras") or []),
+            memory_timeline=data.get("memory_timeline"),
         )
 
     def write(self, path: str | Path) -> Path:

@@ -32,11 +32,13 @@ from families import get_family
 from pipeline_utils.cache import PipelineCache
 from pipeline_utils.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
 from pipeline_utils.media import load_image, read_video
+from pipeline_utils.preview import PreviewPolicy, preview_image
 from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom
 from pipeline_utils.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
 from vram_utils import release_memory
 from vram_utils.ladder import Ladder
 from vram_utils.sentinel import LeakReport, LeakSentinel
+from vram_utils.timeline import MemoryTimeline, gpu_index_of
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class ProgressEvent:
     total: int = 0
     message: str = ""
     eta_s: float | None = None
+    preview: Any = None  # denoising: a latent preview (H, W, 3) uint8, when one was made at this step
 
 
 class Cancelled(Exception):
@@ -77,6 +80,7 @@ class RunResult:
     experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
     finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied (pipeline_utils/lora.py ActiveLora.record)
+    memory_timeline: dict | None = None  # RSS / GPU samples with stage marks (vram_utils/timeline.py)
 
     @property
     def final_path(self) -> Path:
@@ -141,6 +145,9 @@ class Runner:
         # The ladder out-of-memory recovery walks: None = the plan's device's. Tests set "cuda" to walk the
         # GPU ladder's offload rungs on a CPU-only machine, where those rungs run (onloading to the CPU).
         self.ladder_backend: Literal["cuda", "cpu"] | None = None
+        # Latent previews while denoising (pipeline_utils/preview.py), at most 5 % of the step time; the app's
+        # Optimization tab switches them; the CLI, which cannot show them, turns them off.
+        self.previews = True
         self.sentinel = LeakSentinel(held_bytes=lambda device_type: self.cache.weights_on(device_type)[0])
         self.last_leak: LeakReport | None = None
         self._lock = threading.Lock()
@@ -216,10 +223,12 @@ class Runner:
                 if reason.startswith("suggestion:"):
                     run.warn(reason)
 
-        # 3-7, with the out-of-memory ladder.
-        with vram_utils.PeakMeter() as meter:
-            self._attempts(run)
-        return self._finish(run, meter.to_dict())
+        # 3-7, with the out-of-memory ladder; memory sampled into a timeline with the stages marked.
+        with MemoryTimeline(gpu_index=gpu_index_of(run.plan.device)) as timeline:
+            run.emit = timeline.tap(run.emit)
+            with vram_utils.PeakMeter() as meter:
+                self._attempts(run)
+            return self._finish(run, meter.to_dict(), timeline)
 
     def _attempts(self, run: Run) -> None:
         """Steps 3-7, retried one rung lower after an out-of-memory, from the last safe point."""
@@ -362,6 +371,7 @@ class Runner:
         total = run.request.steps
         loop_started = 0.0
         boundary = boundary_timestep(run.pipe)  # two experts: t >= boundary is the high-noise expert's step
+        policy, family = (PreviewPolicy() if self.previews else None), get_family(run.spec.family)
 
         def on_step_end(pipe, i, t, callback_kwargs):
             nonlocal loop_started
@@ -374,7 +384,8 @@ class Runner:
             expert = "" if boundary is None else " · high-noise expert" if t >= boundary else " · low-noise expert"
             if expert == " · low-noise expert" and run.switch_step is None:
                 run.switch_step = i
-            run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}{expert}", eta))
+            image = policy.maybe(i, preview_image, callback_kwargs["latents"], family, pipe=pipe) if policy else None
+            run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}{expert}", eta, image))
             self._fault("denoising", done)
             run.check_stop()
             if boundary is not None and run.plan.experts_in_ram == 1:
@@ -432,7 +443,7 @@ class Runner:
         run.stream = None
         return stats
 
-    def _finish(self, run: Run, measured: dict[str, int]) -> RunResult:
+    def _finish(self, run: Run, measured: dict[str, int], timeline: MemoryTimeline | None = None) -> RunResult:
         """Timings, warnings, the RunResult and its sidecar."""
         stats, paths = run.stats, run.paths
         run.timings["decode_s"] = stats.seconds
@@ -450,10 +461,12 @@ class Runner:
         result.decode = stats.to_dict()
         result.experts = experts_record(run)
         result.loras = [dict(a.record) for a in run.loras]
+        result.memory_timeline = timeline.to_dict() if timeline is not None else None
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         write_sidecar(result)
         # 9. Finishing steps (upscale, interpolate): new files beside the video, which is kept as it is.
         if self._finishing(run, result):
+            result.memory_timeline = timeline.to_dict() if timeline is not None else None
             write_sidecar(result)
         run.emit(ProgressEvent("done", message=str(result.final_path)))
         return result
@@ -615,4 +628,5 @@ def write_sidecar(result: RunResult) -> Path:
         versions=versions(),
         finishing=result.finishing,
         loras=result.loras,
+        memory_timeline=result.memory_timeline,
     ).write(result.sidecar_path)

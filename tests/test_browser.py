@@ -317,3 +317,39 @@ def test_two_loras_with_strengths_generate_list_in_the_details_and_reuse_restore
     page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length === 6")
     assert [cells.nth(i).inner_text() for i in (0, 1, 3, 4)] == ["style_a", "0.5", "fast_b", "0.25"]
     assert "style_a" in page.locator("#t2v-lora-pick").inner_text()
+
+
+def _img_src(page, elem_id: str) -> str:
+    return page.evaluate(f"(document.querySelector('#{elem_id} img') || {{}}).src || ''")
+
+
+def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_data(page, server):
+    open_tab(page, "T2V")
+    page.locator("#t2v-prompt textarea").fill("a slow green river")
+    set_slider(page, "t2v-steps", 100)
+    set_slider(page, "t2v-frames", 33)
+    page.locator("#t2v-generate").click()
+    # The preview shows while it denoises, and moves on from one step to a later one.
+    page.wait_for_function("(document.querySelector('#t2v-preview img') || {}).src", timeout=UI_TIMEOUT_MS * 4)
+    first = _img_src(page, "t2v-preview")
+    page.wait_for_function(f"(document.querySelector('#t2v-preview img') || {{}}).src !== {first!r}")
+    assert _img_src(page, "t2v-preview") not in ("", first)
+    page.screenshot(path=str(ARTIFACTS / "browser_t2v_preview.png"), full_page=True)
+    # A reload mid-run: the Jobs panel shows the running job from the server, then its video.
+    page.reload()
+    wait_text(page, "jobs-table", "running")
+    assert "denoising step" in page.locator("#jobs-table").inner_text() or "decoding" in page.locator(
+        "#jobs-table").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "browser_jobs_reloaded.png"), full_page=True)
+    page.wait_for_function("!document.querySelector('#jobs-table').innerText.includes('running')")
+    page.locator("#jobs-result video").wait_for(state="attached")
+    assert "slow" not in page.locator("#jobs-table").inner_text()  # the table lists files, not prompts
+    # The run's memory over time (gallery) and the plan per stage (Optimization) are drawn with data.
+    open_tab(page, "Gallery")
+    page.locator("#gallery .thumbnail-item").first.click()
+    wait_text(page, "gallery-details", "a slow green river")
+    page.wait_for_function("[...document.querySelectorAll('#gallery-run-chart .mark-line path')]"
+                           ".some(p => (p.getAttribute('d') || '').length > 20)")
+    open_tab(page, "Optimization")
+    page.wait_for_function("document.querySelectorAll('#plan-chart .mark-rect path').length >= 2")
+    page.screenshot(path=str(ARTIFACTS / "browser_charts.png"), full_page=True)

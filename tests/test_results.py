@@ -172,7 +172,8 @@ def test_a_run_and_its_redecode_write_the_same_format_and_both_open_in_the_galle
 
     out = runner.outputs_dir / "run.mp4"
     result = runner.generate(REQUEST, out_path=out)
-    again = redecode(result.latents_path, runner.outputs_dir / "again.mp4", {"chunk_frames": 1}, dtype="float32", device="cpu")
+    again = redecode(result.latents_path, runner.outputs_dir / "again.mp4", {"chunk_frames": 1},
+                     vae={"dtype": "float32", "device": "cpu"})
     run_record, decode_record = Sidecar.read(result.sidecar_path), Sidecar.read(again.sidecar_path)
     assert (run_record.kind, decode_record.kind) == ("generate", "decode")
     assert run_record.version == decode_record.version == SIDECAR_VERSION

@@ -19,6 +19,10 @@ Rungs, fastest first:
             load that materialises an expert before writing its files holds one, not two).
             The planner searches them (`host_rungs`); the plan carries their flags (`host_flags`).
 
+  auto      above all of these, when a request leaves the tiles to the planner (`auto_tiles`: tiling on at the
+            schema's default tiles): untiled, then ever smaller tiles with the seed's overlaps, least pixel
+            overhead first, down to the seed's own tiles (`tile_rungs`); the planner takes the first that fits.
+
 A rung that would change nothing is not a rung: tiling on (or a halving) whose tiles still cover the
 frame is skipped, and so is a chunk rung at one latent frame. Every step goes strictly down, so a run
 that keeps stepping never tries a rung twice: the planner searches the decode rungs before a run
@@ -208,6 +212,76 @@ class Ladder:
         else:
             new_stride = stride * new // tile  # keep the overlap in proportion, so seams stay blended
         return new, min(new, max(f, new_stride // f * f))
+
+
+# ---------------------------------------------------------------- tiles chosen by the planner
+
+SEED_DECODE = DecodeSettings()  # the seed's tiles: 272 px, stride 144 x 128 (overlaps 128 px across, 144 px down)
+
+
+def auto_tiles(d: DecodeSettings) -> bool:
+    """Whether a request leaves the tiles to the planner: tiling on at exactly the schema's default tiles and
+    strides (what every form and flag sends when a person changes nothing). Anything else is a person's choice
+    and is honoured; so is tiling off. A person who types the defaults gets the planner's choice too."""
+    seed = SEED_DECODE
+    return d.enable_vae_tiling and (d.tile_x, d.tile_y, d.tile_stride_x, d.tile_stride_y) == (
+        seed.tile_x, seed.tile_y, seed.tile_stride_x, seed.tile_stride_y)
+
+
+def _axis_options(frame: int, factor: int, tile: int, stride: int) -> list[tuple[int, int]]:
+    """(tile, stride) in output pixels for 1, 2, ... tiles along one axis, up to the count `tile` / `stride`
+    takes, each the smallest tile that still keeps the overlap `tile - stride` (whole latent pixels)."""
+    from decode.tiling import axis_tiles  # here, not at the top: decode imports this module
+
+    length, overlap = frame // factor, -(-(tile - stride) // factor)
+    most = len(axis_tiles(length, max(1, tile // factor), max(1, stride // factor))[1])
+    out = [(frame, frame)]
+    for n in range(2, most + 1):
+        size = -(-(length + (n - 1) * overlap) // n)
+        if overlap < size < length and len(axis_tiles(length, size, size - overlap)[1]) == n:
+            out.append((size * factor, (size - overlap) * factor))
+    return out
+
+
+def tile_rungs(d: DecodeSettings, frame_px: tuple[int, int], factor: int) -> list[DecodeSettings]:
+    """The planner's tile choices above `d` (the seed's tiles), fastest first: untiled, then tiles with the seed's
+    overlaps, by pixel overhead (pixels through the decoder over the frame's), each kept only if its tiles are
+    smaller than every one before it (so that it can fit where they did not). `d` itself is not included."""
+    from decode.tiling import frame_layout
+
+    seed = frame_layout(frame_px, factor, (d.tile_y, d.tile_x), (d.tile_stride_y, d.tile_stride_x))
+    ys = _axis_options(frame_px[0], factor, d.tile_y, d.tile_stride_y)
+    xs = _axis_options(frame_px[1], factor, d.tile_x, d.tile_stride_x)
+    found = []
+    for (ty, sy) in ys:
+        for (tx, sx) in xs:
+            layout = frame_layout(frame_px, factor, (ty, tx), (sy, sx))
+            if layout.overhead < seed.overhead and layout.count > 1:
+                found.append((layout.overhead, layout.count, layout.tile_h * layout.tile_w, (ty, tx, sy, sx)))
+    out, smallest = [dataclasses.replace(d, enable_vae_tiling=False)], seed.height * seed.width
+    for _, _, area, (ty, tx, sy, sx) in sorted(found):
+        if area < smallest:
+            smallest = area
+            out.append(dataclasses.replace(d, tile_y=ty, tile_x=tx, tile_stride_y=sy, tile_stride_x=sx))
+    return out
+
+
+def tile_layout(d: DecodeSettings, frame_px: tuple[int, int], factor: int):
+    """The `decode.tiling.TileLayout` the stream decodes for `d` on a frame of (height, width) output pixels."""
+    from decode.tiling import frame_layout
+
+    tile = (d.tile_y, d.tile_x) if d.enable_vae_tiling else None
+    return frame_layout(frame_px, factor, tile, (d.tile_stride_y, d.tile_stride_x))
+
+
+def tile_text(d: DecodeSettings, frame_px: tuple[int, int], factor: int) -> str:
+    """"untiled, 1.00x" or "2x3 tiles of 360x480 px, 1.25x": the layout the stream decodes and its pixel
+    overhead (pixels through the decoder over the frame's pixels)."""
+    layout = tile_layout(d, frame_px, factor)
+    if not layout.tiled:
+        return f"untiled, {layout.overhead:.2f}x"
+    f = layout.factor
+    return f"{len(layout.ys)}x{len(layout.xs)} tiles of {layout.tile_h * f}x{layout.tile_w * f} px, {layout.overhead:.2f}x"
 
 
 def decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:

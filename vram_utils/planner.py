@@ -53,9 +53,13 @@ from vram_utils.ladder import (
     HOST_RUNG_TEXT,
     TILE_FLOOR_PX,
     Ladder,
+    auto_tiles,
     decode_change,
     host_flags,
     host_rungs,
+    tile_layout,
+    tile_rungs,
+    tile_text,
 )
 from vram_utils.probe import DeviceInfo, GpuInfo, probe
 
@@ -102,10 +106,22 @@ def disk_free_bytes(path: Path | None = None) -> int:
 
 def _decode_options(arch: ModelArch, w: Workload) -> list[DecodeSettings]:
     """The request's decode settings first, then the ladder's decode rungs below them (tiling on, halved
-    tiles down to the floor, smaller chunks), none that would change nothing for this frame size."""
+    tiles down to the floor, smaller chunks), none that would change nothing for this frame size. When the
+    request leaves the tiles to the planner (`auto_tiles`), untiled and ever smaller tiles with the seed's
+    overlaps come before the seed's tiles, least pixel overhead first: the first that fits is the largest."""
+    return _auto_options(arch, w) + _ladder_options(arch, w)
+
+
+def _ladder_options(arch: ModelArch, w: Workload) -> list[DecodeSettings]:
+    """The request's decode settings, then the ladder's decode rungs below them."""
     ladder = Ladder(cuda=False, own_chunk=arch.vae.own_chunk, frame_px=(w.height, w.width),
                     spatial_factor=arch.vae.spatial_ratio)
     return ladder.decode_rungs(w.decode)
+
+
+def _auto_options(arch: ModelArch, w: Workload) -> list[DecodeSettings]:
+    """Untiled, then larger tiles than the seed's (vram_utils/ladder.py `tile_rungs`); [] for a person's own tiles."""
+    return tile_rungs(w.decode, (w.height, w.width), arch.vae.spatial_ratio) if auto_tiles(w.decode) else []
 
 
 def _decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:
@@ -178,10 +194,25 @@ def _pairs(arch: ModelArch, w: Workload, t: _Target, rungs, any_disk: bool = Fal
 def _first_fit(arch: ModelArch, w: Workload, t: _Target, rungs=None, any_disk: bool = False) -> _Choice | None:
     """The fastest pair (then the least change to decode) whose GPU and host peaks both fit."""
     for rung, hw in _pairs(arch, w, t, rungs or t.rungs, any_disk):
-        for d in _decode_options(arch, hw):
-            est = estimate(arch, hw.replace(decode=d), rung, t.backend)  # type: ignore[arg-type]
-            if t.fits(est):
-                return _Choice(rung, d, est, hw.host_rung)
+        choice = _fit_decode(arch, hw, rung, t)
+        if choice is not None:
+            return choice
+    return None
+
+
+def _fit_decode(arch: ModelArch, hw: Workload, rung: Offload, t: _Target) -> _Choice | None:
+    """The first decode that fits this pair. The pair is chosen as with the seed's tiles (the request's settings
+    and the ladder's rungs below them): larger tiles, when the planner picks them, then only make the decode
+    faster on that pair, never change which pair runs (fewer tiles park fewer caches in RAM, which could
+    otherwise let a faster host rung such as fp8 storage win on a larger tile alone)."""
+    for d in _ladder_options(arch, hw):
+        est = estimate(arch, hw.replace(decode=d), rung, t.backend)  # type: ignore[arg-type]
+        if t.fits(est):
+            for a in _auto_options(arch, hw):
+                a_est = estimate(arch, hw.replace(decode=a), rung, t.backend)  # type: ignore[arg-type]
+                if t.fits(a_est):
+                    return _Choice(rung, a, a_est, hw.host_rung)
+            return _Choice(rung, d, est, hw.host_rung)
     return None
 
 
@@ -195,11 +226,12 @@ def _lowest(arch: ModelArch, w: Workload, t: _Target) -> _Choice:
     """When nothing fits: the pair and decode that miss the two budgets by the fewest bytes together, the
     fastest of equals (smaller tiles save GPU memory but park more causal caches in RAM, so the smallest decode
     is not always the closest)."""
-    best: tuple[int, _Choice] | None = None
+    best: tuple[tuple[int, int], _Choice] | None = None
     for r, hw in _pairs(arch, w, t, t.rungs):
         for d in _decode_options(arch, hw):
             est = estimate(arch, hw.replace(decode=d), r, t.backend)  # type: ignore[arg-type]
-            miss = max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget)
+            miss = (max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget),
+                    max(0, est.stage_dict().get("decode", 0) - t.budget))  # of equals, one whose decode fits
             if best is None or miss < best[0]:
                 best = (miss, _Choice(r, d, est, hw.host_rung))
     assert best is not None  # the "ram" host rung is always searched
@@ -319,12 +351,28 @@ def _host_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice) -> s
             f"in {gib(t.host_budget)} available after a {gib(HOST_MARGIN_BYTES)} margin{why}")
 
 
-def _decode_reason(asked: DecodeSettings, chosen: DecodeSettings) -> str:
-    change = _decode_change(asked, chosen)
+def _decode_reason(arch: ModelArch, w: Workload, chosen: DecodeSettings, fits: bool = True) -> str:
+    """The decode in one line: what was chosen and why, the tiles the stream decodes and their pixel overhead
+    (pixels through the decoder over the frame's pixels)."""
+    frame, factor = (w.height, w.width), arch.vae.spatial_ratio
+    layout = f"{tile_text(chosen, frame, factor)} the frame's pixels through the decoder"
+    tiles = f"{chosen.tile_x}x{chosen.tile_y} px tiles, stride {chosen.tile_stride_x}x{chosen.tile_stride_y}"
+    if auto_tiles(w.decode):
+        if not fits:
+            return f"decode: the closest setting, {'tiling off' if not chosen.enable_vae_tiling else tiles} ({layout})"
+        options = _decode_options(arch, w)
+        i, seed = options.index(chosen), options.index(w.decode)
+        if i == 0:
+            return f"decode: untiled, the whole frame fits ({layout})"
+        if i < seed:
+            return f"decode: the largest tiles that fit, {tiles} ({layout}); larger ones do not fit"
+        what = "the seed's tiles" if i == seed else _decode_change(w.decode, chosen)
+        return f"decode: {what}, {tiles}, as larger tiles do not fit ({layout})"
+    change = _decode_change(w.decode, chosen)
     if change:
-        return f"decode: {change} so the decode fits"
+        return f"decode: {change} so the decode fits ({layout})"
     tiling = f"on ({chosen.tile_x}x{chosen.tile_y} px tiles)" if chosen.enable_vae_tiling else "off"
-    return f"decode: VAE tiling {tiling} as set"
+    return f"decode: VAE tiling {tiling} as set ({layout})"
 
 
 def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: DeviceInfo,
@@ -353,9 +401,11 @@ def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: 
             f"RAM available after the margin. Allowed: a size, frame count or model whose estimate fits{hint}")
 
 
-def _summary(choice: _Choice, t: _Target, fits: bool) -> str:
+def _summary(arch: ModelArch, w: Workload, choice: _Choice, t: _Target, fits: bool) -> str:
     est = choice.est
-    tiling = "on" if choice.decode.enable_vae_tiling else "off"
+    layout = tile_layout(choice.decode, (w.height, w.width), arch.vae.spatial_ratio)
+    tiling = (f"on ({len(layout.ys)}x{len(layout.xs)} tiles, {layout.overhead:.2f}x pixels)" if layout.tiled
+              else "off")
     return (f"offload {choice.offload}, host {choice.host_rung}, tiling {tiling}, peak {_peaks(est, t)}"
             + ("" if fits else " (does not fit)"))
 
@@ -388,7 +438,7 @@ def plan_for(
     est = choice.est
     if t.backend == "cuda" or choice.host_rung != "ram":
         t.reasons.append(_host_reason(arch, w, t, choice))
-    t.reasons.append(_decode_reason(w.decode, choice.decode))
+    t.reasons.append(_decode_reason(arch, w, choice.decode, fits))
     quant = choice.quant or w.quant
     if w.quant != "none":
         t.reasons.append(f"precision: {w.quant} transformer weights, as set")
@@ -402,7 +452,7 @@ def plan_for(
     return Plan(
         offload=choice.offload, quant=quant, decode=choice.decode,  # type: ignore[arg-type]
         predicted_peak_gpu_bytes=est.peak_gpu_bytes, predicted_peak_host_bytes=est.peak_host_bytes,
-        stages=est.stage_dict(), reasons=tuple(t.reasons), summary=_summary(choice, t, fits), device=t.device_name,
+        stages=est.stage_dict(), reasons=tuple(t.reasons), summary=_summary(arch, w, choice, t, fits), device=t.device_name,
         fits=fits, budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0],
         suggested_model=hints[1], refused=refused, host_stages=est.host_stage_dict(), host_budget_bytes=t.host_budget,
         **flags,

@@ -1,0 +1,320 @@
+"""Jobs that outlive the page and the process: one worker, a queue on disk, progress kept on the server.
+
+A Generate press (or an API call) becomes a `Job`, written at once to `<outputs>/.queue/<id>.json` (atomically:
+a temporary name renamed when complete) and run by the one worker thread, oldest first. The page only waits
+for it: a closed or refreshed page loses nothing, and any page can see the job (`JobQueue.jobs`), its stage,
+progress, ETA and latest preview, and stop it. With a login, each person sees and stops only their own jobs.
+
+After a restart (clean or a crash) `recover()` reads the folder back: waiting jobs run in their order; the job
+that was running resumes from its saved latents when its denoise had finished (only the decode runs again)
+and starts over otherwise. A job whose result is already complete on disk is not run again; a damaged queue
+file is reported and moved aside (`*.bad`), never fatal. A job's file is removed once its result is written.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from configs.schema import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+JobState = Literal["waiting", "running", "done", "failed", "stopped"]
+QUEUE_SUBDIR = ".queue"
+KEEP_FINISHED = 20  # finished jobs still listed (their results are in the gallery for good)
+_ORDER = itertools.count()
+
+
+class QueueFull(RuntimeError):
+    """More jobs are waiting than the queue takes; the message says how many."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation from the moment it is queued. The first fields are what the queue file keeps."""
+
+    id: str
+    task: str
+    request: GenerationRequest
+    out_path: str
+    owner: str = ""  # the login that queued it ("" without --auth)
+    session: str = ""  # the browser session that queued it (its tab's Stop reaches it)
+    state: JobState = "waiting"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    resumed: str = ""  # after a restart: how it went on
+    order: int = field(default_factory=lambda: next(_ORDER))
+    # Kept in memory only:
+    last: Any = None  # the runner's last ProgressEvent
+    preview: Any = None  # the latest latent preview (uint8 H x W x 3), while denoising
+    result: Any = None  # the RunResult (or RedecodeResult) once done
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def to_record(self) -> dict:
+        return {"id": self.id, "task": self.task, "request": self.request.to_dict(), "out_path": self.out_path,
+                "owner": self.owner, "session": self.session, "state": self.state, "created": self.created,
+                "started": self.started, "resumed": self.resumed}
+
+    @classmethod
+    def from_record(cls, data: dict) -> "Job":
+        request = GenerationRequest.from_dict(data["request"])
+        job = cls(str(data["id"]), str(data["task"]), request, str(data["out_path"]), str(data.get("owner", "")),
+                  str(data.get("session", "")), data.get("state", "waiting"), float(data.get("created", 0)))
+        job.started = data.get("started")
+        return job
+
+    def view(self) -> dict:
+        """What a page or an API client sees of the job (no preview pixels, no result object)."""
+        last = self.last
+        return {
+            "id": self.id, "task": self.task, "model": self.request.model, "prompt": self.request.prompt,
+            "owner": self.owner, "state": self.state, "stage": getattr(last, "stage", "") if last else "",
+            "step": getattr(last, "step", 0) if last else 0, "total": getattr(last, "total", 0) if last else 0,
+            "message": getattr(last, "message", "") if last else "", "eta_s": getattr(last, "eta_s", None)
+            if last else None, "video": str(getattr(self.result, "final_path", None) or getattr(self.result, "video_path",
+                                                                                               "")) if self.result else "",
+            "error": self.error, "resumed": self.resumed, "created": self.created,
+        }
+
+
+class JobQueue:
+    """The app's jobs: queued to disk, run one at a time by a worker thread through `run_job`."""
+
+    def __init__(self, folder: str | Path, run_job: Callable[[Job], Any], max_waiting: int = 16):
+        self.folder = Path(folder)
+        self.run_job = run_job  # runs one job (the runner, with the job's progress and stop); returns its result
+        self.max_waiting = max_waiting
+        self._jobs: dict[str, Job] = {}
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self.notes: list[str] = []  # what recover() found after a restart, in words
+
+    # ---------------------------------------------------------------- queueing
+    def submit(self, task: str, request: GenerationRequest, out_path: str | Path, owner: str = "",
+               session: str = "") -> Job:
+        """Queue a checked request; on disk before this returns. QueueFull when `max_waiting` are waiting."""
+        with self._cv:
+            waiting = sum(j.state == "waiting" for j in self._jobs.values())
+            if waiting >= self.max_waiting:
+                raise QueueFull(f"the queue is full ({waiting} jobs waiting); try again when one has finished")
+            job = Job(uuid.uuid4().hex[:12], task, request, self._free_name(Path(out_path)), owner, session)
+            self._write(job)
+            self._jobs[job.id] = job
+            self._cv.notify_all()
+        self.start()
+        return job
+
+    def _free_name(self, out: Path) -> str:
+        """`out`, or `<name>-N` when a job in the queue will already write there (same task, seed and second)."""
+        import re
+
+        taken = {j.out_path for j in self._jobs.values()}
+        base, candidate, n = re.sub(r"-\d+$", "", out.stem), out, 1
+        while str(candidate) in taken or candidate.exists():
+            candidate = out.with_name(f"{base}-{n}{out.suffix}")
+            n += 1
+        return str(candidate)
+
+    def ahead(self, job: Job) -> int:
+        """Jobs that run before this waiting one (the running one included); 0 once it runs."""
+        if job.state != "waiting":
+            return 0
+        with self._cv:
+            return sum(j.state == "running" or (j.state == "waiting" and (j.created, j.order) < (job.created, job.order))
+                       for j in self._jobs.values())
+
+    def start(self) -> None:
+        with self._cv:
+            if self._worker is None or not self._worker.is_alive():
+                self._closed = False
+                self._worker = threading.Thread(target=self._work, name="fitvideo-jobs", daemon=True)
+                self._worker.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    # ---------------------------------------------------------------- looking and stopping
+    def jobs(self, owner: str | None = None) -> list[Job]:
+        """Running, then waiting (in order), then recently finished (newest first); only `owner`'s if given."""
+        with self._cv:
+            mine = [j for j in self._jobs.values() if owner is None or j.owner == owner]
+        rank = {"running": 0, "waiting": 1}
+        live = sorted((j for j in mine if j.state in rank), key=lambda j: (rank[j.state], j.order))
+        ended = sorted((j for j in mine if j.state not in rank), key=lambda j: -(j.finished or 0))
+        return live + ended
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cv:
+            return self._jobs.get(job_id)
+
+    def find(self, session: str, task: str) -> Job | None:
+        """The live job a browser session queued from a tab (its Stop button's)."""
+        live = [j for j in self.jobs() if j.session == session and j.task == task and j.state in ("running", "waiting")]
+        return live[0] if live else None
+
+    def stop(self, job_id: str, owner: str | None = None) -> Job | None:
+        """Stop a job: a waiting one never runs, a running one ends at its next step. None: not yours / unknown."""
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is None or (owner is not None and job.owner != owner):
+                return None
+            job.stop.set()
+            if job.state == "waiting":
+                self._end(job, "stopped", "")
+        return job
+
+    # ---------------------------------------------------------------- after a restart
+    def recover(self, is_complete: Callable[[Job], bool], can_resume: Callable[[Job], bool]) -> list[str]:
+        """Read the queue folder back (before the worker starts): what happened to each job, in words."""
+        notes = []
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                job = Job.from_record(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                bad = path.with_suffix(".bad")
+                path.replace(bad)
+                notes.append(f"queue file {path.name} is damaged ({type(exc).__name__}: {exc}); moved to {bad.name}")
+                continue
+            if is_complete(job):  # its result was written just before the app stopped: never run twice
+                path.unlink(missing_ok=True)
+                notes.append(f"job {job.id} had finished ({Path(job.out_path).name}); not run again")
+                continue
+            if job.state == "running":
+                job.resumed = "resumed from its saved latents (decode only)" if can_resume(job) else \
+                    "started over (it was interrupted before its latents were saved)"
+                notes.append(f"job {job.id} was running when the app stopped: {job.resumed}")
+            else:
+                notes.append(f"job {job.id} was waiting: it runs again")
+            job.state = "waiting"
+            self._write(job)
+            self._jobs[job.id] = job
+        for note in notes:
+            logger.info("queue: %s", note)
+        return notes
+
+    # ---------------------------------------------------------------- the worker
+    def _next(self) -> Job | None:
+        with self._cv:
+            while not self._closed:
+                waiting = sorted((j for j in self._jobs.values() if j.state == "waiting"),
+                                 key=lambda j: (j.created, j.order))
+                if waiting:
+                    job = waiting[0]
+                    job.state, job.started = "running", time.time()
+                    self._write(job)
+                    return job
+                self._cv.wait(1.0)
+        return None
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                job.result = self.run_job(job)
+                state, error = ("stopped", "") if job.result is None else ("done", "")
+            except Exception as exc:  # noqa: BLE001  (the job ends; the worker and the app go on)
+                state, error = self._failure(job, exc)
+            with self._cv:
+                self._end(job, state, error)
+
+    @staticmethod
+    def _failure(job: Job, exc: Exception) -> tuple[JobState, str]:
+        """A job's end by an exception: stopped, or failed with a message written for the person."""
+        from configs.schema import RequestError
+        from pipeline_utils.runner import Cancelled, RunFailed
+
+        if isinstance(exc, Cancelled):
+            return "stopped", ""
+        if isinstance(exc, (RequestError, RunFailed)):  # messages that name the value and say what to do
+            logger.info("job %s: %s", job.id, exc)
+            return "failed", str(exc)
+        logger.error("job %s failed", job.id, exc_info=exc)
+        return "failed", f"generation failed: {type(exc).__name__}: {exc}"
+
+    def _end(self, job: Job, state: JobState, error: str) -> None:
+        """Under the lock: the job is over; its file goes, it stays listed a while."""
+        job.state, job.error, job.finished, job.preview = state, error, time.time(), None
+        (self.folder / f"{job.id}.json").unlink(missing_ok=True)
+        job.done.set()
+        ended = sorted((j for j in self._jobs.values() if j.done.is_set()), key=lambda j: j.finished or 0)
+        for old in ended[:-KEEP_FINISHED]:
+            del self._jobs[old.id]
+        self._cv.notify_all()
+
+    def _write(self, job: Job) -> None:
+        from decode.writer import write_json_atomic
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.folder / f"{job.id}.json", job.to_record())
+
+
+# --------------------------------------------------------------------------- running a job with the runner
+
+
+def run_job(runner, job: Job, lock: threading.Lock | None = None):
+    """One job through the runner (holding `lock`): its progress into `job.last`, its stop flag, and after a
+    restart the decode alone when its latents were saved."""
+    def on_progress(event) -> None:
+        job.last = event
+        preview = getattr(event, "preview", None)
+        if preview is not None:
+            job.preview = preview
+
+    with lock or threading.Lock():
+        if job.resumed.startswith("resumed") and latents_saved(job):
+            return _resume_decode(job, on_progress)
+        return runner.generate(job.request, out_path=job.out_path, on_progress=on_progress, stop=job.stop)
+
+
+def _resume_decode(job: Job, on_progress):
+    """The interrupted job's saved latents decoded into its video (the redecode path, with its own sidecar)."""
+    from pipeline_utils.redecode import redecode
+    from pipeline_utils.results import latents_path
+    from pipeline_utils.runner import ProgressEvent
+
+    on_progress(ProgressEvent("decoding", message="decoding the saved latents (resumed after a restart)"))
+    return redecode(latents_path(Path(job.out_path)), job.out_path, on_progress=on_progress)
+
+
+def is_complete(job: Job) -> bool:
+    """The job's video and its sidecar are both on disk: it finished (sidecars are written last, atomically)."""
+    from pipeline_utils.results import sidecar_path
+
+    out = Path(job.out_path)
+    return out.is_file() and sidecar_path(out).is_file()
+
+
+def latents_saved(job: Job) -> bool:
+    """The job's denoise finished before the app stopped: its latents file is complete (written atomically)."""
+    from pipeline_utils.results import latents_path
+
+    return latents_path(Path(job.out_path)).is_file()
+
+
+def jobs_markdown(jobs: list[Job]) -> str:
+    """The Jobs panel's table: running, waiting, then recently finished."""
+    if not jobs:
+        return "No jobs yet: Generate in any tab queues one here."
+    lines = ["| job | task | model | state | stage | progress | ETA |", "|---|---|---|---|---|---|---|"]
+    for j in jobs:
+        v = j.view()
+        progress = f"{v['step']}/{v['total']}" if v["total"] else ""
+        eta = f"{v['eta_s']:.0f} s" if v["eta_s"] is not None and j.state == "running" else ""
+        state = j.state + (f" ({j.resumed.split(' (')[0]})" if j.resumed else "") + (f": {j.error[:80]}" if j.error else "")
+        stage = (v["message"] or v["stage"]) if j.state == "running" else (Path(v["video"]).name if v["video"] else "")
+        lines.append(f"| `{j.id}` | {j.task.upper()} | {j.request.model} | {state} | {stage} | {progress} | {eta} |")
+    return "\n".join(lines)
