@@ -42,6 +42,11 @@ GPU_QUEUE = "gpu"  # one concurrency group for everything that touches the model
 DEFAULT_QUEUE_SIZE = 16  # waiting jobs beyond this are refused ("queue full") instead of piling up
 DEFAULT_MAX_UPLOAD = "200mb"  # per uploaded file (images, input videos)
 MEMORY_REFRESH_S = 2.0
+STEP_CACHE_CHOICES = [  # (label, value); "" = the motion preset's (fast: TaylorSeer)
+    ("the preset's (fast: TaylorSeer)", ""), ("off", "off"), ("first-block (threshold 0.05)", "first-block"),
+    ("TaylorSeer (interval 5)", "taylorseer"), ("MagCache (threshold 0.06; first run calibrates)", "magcache"),
+    ("Pyramid Attention Broadcast (CogVideoX)", "pab"), ("FasterCache (CogVideoX)", "fastercache"),
+]
 JOBS_REFRESH_S = 1.0  # the Jobs panel follows the server's queue this often
 STOP_WAIT_S = 60.0  # how long Stop waits for the run to reach its next step before answering
 DEFAULT_PROMPT = "a cat walks on the beach at sunset, cinematic"  # so the very first click works
@@ -284,9 +289,10 @@ class OptimizationPanel:
     plan_plot: "gr.BarPlot | None" = None  # the plan per stage: predicted GPU / RAM peaks against the budgets
     live_plot: "gr.LinePlot | None" = None  # the last minute of memory
     previews: "gr.Checkbox | None" = None  # latent previews on / off (the runner's setting, for every page)
+    step_cache: "gr.Dropdown | None" = None  # the request's step cache ("" = the motion preset's)
 
     def fields(self) -> dict[str, Any]:
-        names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y")
+        names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y", "step_cache")
         return {n: getattr(self, n) for n in names}
 
 
@@ -567,6 +573,12 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
             )
             quant = gr.Radio([(PRECISION_LABELS[q], q) for q in QUANTS], value=ctx.default_quant, label="Precision")
             vae_tiling = gr.Checkbox(d.enable_vae_tiling, label="VAE tiling", info=TILING_HELP)
+            step_cache = gr.Dropdown(
+                STEP_CACHE_CHOICES, value="", label="Step cache", elem_id="step-cache", allow_custom_value=True,
+                info="reuse transformer work between steps: faster, some quality loss (random weights cannot show "
+                     "it). NAME:NUMBER sets its threshold / interval. Wan: first-block, TaylorSeer, MagCache; "
+                     "CogVideoX: all; Wan V2V: none (its pipeline opens no cache context)",
+            )
             previews = gr.Checkbox(ctx.runner.previews, label="Latent previews while denoising", elem_id="previews",
                                    info="a small picture of the latents every few steps (at most 5 % of the step time)")
             with gr.Row():
@@ -582,7 +594,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     leaks = gr.Markdown(leak_markdown(ctx.runner), label="Leak sentinel", elem_id="leak-panel")
     return OptimizationPanel(
         memory, cache, cache_pick, unload, unload_all, max_cache, offload, quant, vae_tiling,
-        tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews,
+        tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews, step_cache,
     )
 
 
@@ -924,6 +936,7 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
     import gradio as gr
 
     from pipeline_utils.jobs import jobs_markdown
+    from pipeline_utils.results import gallery_items, list_results
 
     ctx, panel = app.ctx, app.jobs
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -935,9 +948,13 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
         live = [(f"{j.id} · {j.task.upper()} · {j.state}", j.id) for j in jobs if j.state in ("running", "waiting")]
         mine = [running.preview if running is not None and running.session == request.session_hash
                 and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
+        new = latest != shown  # a job finished since this page last looked: its video, and the gallery again
+        results = list_results(ctx.outputs_dir) if new else []
         return (jobs_markdown(jobs), running.preview if running is not None else None,
-                latest if latest != shown else gr.skip(), latest,
-                gr.Dropdown(choices=live, value=live[0][1] if live else None), *mine)
+                latest if new else gr.skip(), latest,
+                gr.Dropdown(choices=live, value=live[0][1] if live else None), *mine,
+                gallery_items(results) if new else gr.skip(),
+                gr.Dropdown(choices=[r.name for r in results]) if new else gr.skip())
 
     def listing(request: gr.Request) -> list[dict]:
         return [j.view() for j in ctx.queue.jobs(owner=request.username if request.username else None)]
@@ -950,7 +967,7 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
         return jobs_markdown(ctx.queue.jobs(owner=request.username if request.username else None))
 
     outputs = [panel.table, panel.preview, panel.result, panel.shown, panel.pick,
-               *(tab.preview for tab in app.task_tabs.values())]
+               *(tab.preview for tab in app.task_tabs.values()), app.gallery.gallery, app.gallery.pick]
     gr.on([timer.tick, app.demo.load], refresh, panel.shown, outputs, **hidden)
     app.demo.load(listing, None, panel.data, api_name="jobs", queue=False)
     panel.stop.click(stop, panel.pick, panel.table, api_name="stop_job", queue=False)

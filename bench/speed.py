@@ -64,7 +64,7 @@ def denoise(family: str, pipe, sched, shapes, steps: int) -> torch.Tensor:
 
 def bench(family: str, layers: int, steps: int) -> None:
     transformer, sched, lat, text = build(family, layers)
-    pipe = SimpleNamespace(transformer=transformer, current_timestep=None)
+    pipe = SimpleNamespace(transformer=transformer, current_timestep=None, components={"transformer": transformer})
     ok = sc.supported(family, "t2v")
     with torch.inference_mode():
         t0 = time.perf_counter(); base = denoise(family, pipe, sched, (lat, text), steps); base_s = time.perf_counter() - t0

@@ -118,6 +118,7 @@ class Preset:
     steps: int
     guidance: float
     description: str = ""
+    step_cache: str = "off"  # the step cache a request without its own choice gets (pipeline_utils/stepcache.py)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class GenerationRequest:
     interpolate: int = 0  # finishing step after upscale: 0 off, 2 / 4 (N frames -> (N-1) x factor + 1)
     loras: tuple[LoraChoice, ...] = ()  # adapters on the transformer(s), each with its strength (pipeline_utils/lora.py)
     shift: float | None = None  # the flow-matching scheduler's shift (Wan; a distill LoRA's preset); None: the model's
+    step_cache: str | None = None  # "off", "first-block[:threshold]", "taylorseer[:interval]", ...; None: the preset's
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "two-expert models take a low-noise expert's strength after a second colon. Repeatable")
     g.add_argument("--loras-dir", default=None, help="the LoRA folder (default $FITVIDEO_HOME/loras)")
     g.add_argument("--shift", type=float, default=None, help="scheduler flow shift (Wan; a distill LoRA's preset)")
+    g.add_argument("--step-cache", default=None, metavar="NAME[:NUMBER]",
+                   help="off, first-block[:threshold], taylorseer[:interval], magcache[:threshold], pab[:interval], "
+                        "fastercache[:interval] (default: the preset's: fast = taylorseer)")
     add_progress_flag(g)
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")

@@ -85,6 +85,7 @@ class Sidecar:
     finishing: list[dict] = field(default_factory=list)  # finishing steps (postprocess.FinishResult.to_dict())
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied: name, file, bytes, strength(s)
     memory_timeline: dict | None = None  # samples (t, rss, GPU) a few times a second, with stage marks
+    step_cache: dict | None = None  # the step cache and its counts (pipeline_utils/stepcache.py stats())
 
     @property
     def predicted(self) -> dict[str, int]:
@@ -117,6 +118,7 @@ class Sidecar:
             "finishing": list(self.finishing),
             "loras": list(self.loras),
             "memory_timeline": self.memory_timeline,
+            "step_cache": self.step_cache,
         }
 
     @classmethod
@@ -156,6 +158,7 @@ class Sidecar:
             finishing=list(data.get("finishing") or []),
             loras=list(data.get("loras") or []),
             memory_timeline=data.get("memory_timeline"),
+            step_cache=data.get("step_cache"),
         )
 
     def write(self, path: str | Path) -> Path:

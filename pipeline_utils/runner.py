@@ -29,6 +29,7 @@ from configs.schema import (
     GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request, task_experts,
 )
 from families import get_family
+from pipeline_utils import stepcache
 from pipeline_utils.cache import PipelineCache
 from pipeline_utils.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
 from pipeline_utils.media import load_image, read_video
@@ -81,6 +82,7 @@ class RunResult:
     finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied (pipeline_utils/lora.py ActiveLora.record)
     memory_timeline: dict | None = None  # RSS / GPU samples with stage marks (vram_utils/timeline.py)
+    step_cache: dict | None = None  # the step cache and its counts: blocks computed of those called
 
     @property
     def final_path(self) -> Path:
@@ -126,6 +128,8 @@ class Run:
     embeds: dict = field(default_factory=dict)
     switch_step: int | None = None  # two-expert models: index of the first low-noise denoising step
     loras: tuple = ()  # the request's LoRAs, found and checked (pipeline_utils/lora.py ActiveLora)
+    step_cache: tuple = ("off", None)  # (name, threshold) of the run's step cache (pipeline_utils/stepcache.py)
+    cache_state: Any = None  # the applied step cache's state (its counters go to the sidecar)
 
     def check_stop(self) -> None:
         _check_stop(self.stop)
@@ -174,6 +178,10 @@ class Runner:
         resident = self.cache.resident_bytes(request.model, request.task, request.quant, device_type)
         resident_host = self.cache.resident_bytes(request.model, request.task, request.quant, "cpu")  # RAM budget
         plan = vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
+        name, threshold, _ = stepcache.resolve_step_cache(request, spec)
+        if name != "off":
+            note = stepcache.plan_note(name, threshold, request.steps or 1)
+            plan = plan.replace(reasons=(*plan.reasons, note), summary=f"{plan.summary}, step cache {name}")
         if active:
             plan = plan.replace(reasons=(*plan.reasons, lora_reason(active, spec)),
                                 summary=f"{plan.summary}, {len(active)} LoRA{'s' if len(active) > 1 else ''}")
@@ -210,6 +218,10 @@ class Runner:
         inputs, notes = self._read_inputs(req)
         run = Run(req, get_model_spec(req.model), RunPaths.beside(out), emit, stop, inputs=inputs)
         run.loras = resolve_loras(req.loras, run.spec, req.task)  # LoraError names a missing or unfitting one
+        name, threshold, note = stepcache.resolve_step_cache(req, run.spec)
+        run.step_cache = (name, threshold)
+        if note:
+            run.warn(note)
         for note in notes:  # e.g. a still image given as the video is held for every frame
             run.warn(note)
 
@@ -256,6 +268,8 @@ class Runner:
         t0 = time.perf_counter()
         run.pipe = self._load(run)
         apply_loras(run.pipe, run.loras)  # adapters swapped on the cached transformer(s); offload hooks come off
+        if not stepcache.needs_calibration(run.pipe, run.step_cache[0]):  # else _denoise calibrates it first
+            run.cache_state = stepcache.apply_step_cache(run.pipe, *run.step_cache, steps=req.steps)
         run.timings.setdefault("load_s", time.perf_counter() - t0)
 
         # 4. Apply the plan (idempotent: a step-down re-applies it).
@@ -361,10 +375,24 @@ class Runner:
             kwargs.update(prompt=None, negative_prompt=None, **run.embeds)
         if boundary_timestep(run.pipe) is not None:  # two experts: the low-noise one's guidance
             kwargs["guidance_scale_2"] = req.guidance_2
+        if stepcache.needs_calibration(run.pipe, run.step_cache[0]):
+            self._calibrate_magcache(run, kwargs)
         with torch.inference_mode(), scheduler_shift(run.pipe, req.shift):
             latents = run.pipe(**kwargs).frames
         run.timings["denoise_s"] = time.perf_counter() - t0
         run.latents = decode.to_vae_latents(run.pipe, latents, family, req.frames)
+
+    def _calibrate_magcache(self, run: Run, kwargs: dict) -> None:
+        """MagCache's first run on a model: one uncached run records its ratios (kept for later runs)."""
+        run.emit(ProgressEvent("denoising", message="calibrating MagCache for this model: one uncached run, "
+                               "its ratios are kept for later runs"))
+        call = {k: v for k, v in kwargs.items() if k not in ("num_inference_steps", "callback_on_step_end",
+                                                              "generator")}
+        with torch.inference_mode(), scheduler_shift(run.pipe, run.request.shift):
+            stepcache.calibrate_magcache(run.pipe, run.request.steps, generator=torch.Generator("cpu").manual_seed(
+                run.request.seed), **call)
+        run.cache_state = stepcache.apply_step_cache(run.pipe, *run.step_cache, steps=run.request.steps)
+        vram_utils.apply_plan(run.pipe, run.plan)  # the cache hooks went on under the offload hooks
 
     def _on_step_end(self, run: Run) -> Callable:
         """The pipeline's per-step callback: progress with an ETA, the test hook, the stop flag."""
@@ -462,6 +490,8 @@ class Runner:
         result.experts = experts_record(run)
         result.loras = [dict(a.record) for a in run.loras]
         result.memory_timeline = timeline.to_dict() if timeline is not None else None
+        result.step_cache = run.cache_state.stats() if run.cache_state is not None and run.cache_state.name != "off" \
+            else None
         result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
         write_sidecar(result)
         # 9. Finishing steps (upscale, interpolate): new files beside the video, which is kept as it is.
@@ -629,4 +659,5 @@ def write_sidecar(result: RunResult) -> Path:
         finishing=result.finishing,
         loras=result.loras,
         memory_timeline=result.memory_timeline,
+        step_cache=result.step_cache,
     ).write(result.sidecar_path)

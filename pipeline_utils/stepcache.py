@@ -300,3 +300,49 @@ def calibrate_magcache(pipe, steps: int, key: str | None = None, **call) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"steps": steps, "ratios": seen}, indent=1))
     return path
+
+
+# --------------------------------------------------------------------------- a run's choice
+
+
+def resolve_step_cache(request, spec) -> tuple[str, float | None, str]:
+    """(name, threshold, note) for a request: its own choice (refused with the reason where it does not
+    apply), else its motion preset's (left off, with a note, where it does not apply)."""
+    from configs.schema import RequestError, load_presets
+
+    own = request.step_cache is not None
+    text = request.step_cache if own else load_presets()[request.preset].step_cache
+    try:
+        name, value = parse_step_cache(text)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    reason = supported(spec.family, request.task)[name]
+    if reason is None:
+        return name, value, ""
+    if own:
+        raise RequestError(f"step cache {name!r} does not apply to {spec.label} {request.task}: {reason}; "
+                           f"choose one of {', '.join(n for n, r in supported(spec.family, request.task).items() if r is None)}")
+    return "off", None, f"the {request.preset} preset's step cache ({name}) is left off here: {reason}"
+
+
+def needs_calibration(pipe, name: str) -> bool:
+    """MagCache on a model with no ratios recorded yet (the first run calibrates them)."""
+    return name == "magcache" and not magcache_path(magcache_key(pipe)).is_file()
+
+
+def plan_note(name: str, threshold: float | None, steps: int) -> str:
+    """One line for the plan: the cache, what it keeps in memory, and the share of block computations it runs."""
+    if name == "off":
+        return ""
+    value = DEFAULTS.get(name) if threshold is None else threshold
+    if name == "taylorseer":
+        computed = min(steps, 3 + max(0, steps - 3 + int(value) - 1) // int(value))
+        share = f"computes blocks on {computed} of {steps} steps ({computed / steps:.0%})"
+    elif name in ("pab", "fastercache"):
+        share = f"recomputes spatial attention every {int(value)} steps within its timestep window"
+    else:
+        share = f"skips a step's remaining blocks while the change stays under {value:g} (adaptive: the sidecar says how many)"
+    memory = {"first-block": "two hidden-state tensors per branch", "magcache": "one residual per branch",
+              "taylorseer": "the output projection's input and its first difference per branch",
+              "pab": "one attention output per layer", "fastercache": "attention outputs per layer and branch"}[name]
+    return f"step cache {name}:{value:g} {share}; keeps {memory} (latent-token sized)"

@@ -337,6 +337,7 @@ def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_dat
     page.screenshot(path=str(ARTIFACTS / "browser_t2v_preview.png"), full_page=True)
     # A reload mid-run: the Jobs panel shows the running job from the server, then its video.
     page.reload()
+    page.locator("#jobs-table").wait_for()
     wait_text(page, "jobs-table", "running")
     assert "denoising step" in page.locator("#jobs-table").inner_text() or "decoding" in page.locator(
         "#jobs-table").inner_text()
