@@ -17,7 +17,6 @@ in pipeline_utils.media.
 """
 import argparse
 import asyncio
-import contextvars
 import logging
 import os
 import socket
@@ -290,9 +289,12 @@ class OptimizationPanel:
     live_plot: "gr.LinePlot | None" = None  # the last minute of memory
     previews: "gr.Checkbox | None" = None  # latent previews on / off (the runner's setting, for every page)
     step_cache: "gr.Dropdown | None" = None  # the request's step cache ("" = the motion preset's)
+    attention: "gr.Radio | None" = None  # attention backend (only those that run here)
+    compile: "gr.Checkbox | None" = None  # regional compile (Wan, CUDA)
 
     def fields(self) -> dict[str, Any]:
-        names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y", "step_cache")
+        names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y", "step_cache",
+                 "attention", "compile")
         return {n: getattr(self, n) for n in names}
 
 
@@ -415,20 +417,25 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
                     stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
             with gr.Column(scale=1):
-                result = gr.Video(
-                    label="Result", interactive=False, autoplay=True, loop=True, buttons=["download"],
-                    height=360, elem_id=f"{task}-result",
-                )
-                used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False)
-                info = gr.Markdown(label="Info", elem_id=f"{task}-info")
-                preview = gr.Image(None, label="Preview while denoising (the latents, projected to colour)",
-                                   elem_id=f"{task}-preview", interactive=False, height=200, type="numpy")
-                run_plot = render_run_plot(f"{task}-run-chart")
+                result, used_seed, info, preview, run_plot = render_result(task)
     return TaskTab(
         task, tab, model_dd, note, prompt, negative, image, video, strength, seed, preset_radio, steps, guidance,
         frames, fps, resolution, plan, generate, stop, result, used_seed, info, guidance_2=guidance_2,
         upscale=upscale, interpolate=interpolate, run_plot=run_plot, preview=preview, **lora,
     )
+
+
+def render_result(task: str) -> tuple:
+    """The result column: the video, the seed used, what happened, the preview while denoising, the memory chart."""
+    import gradio as gr
+
+    result = gr.Video(label="Result", interactive=False, autoplay=True, loop=True, buttons=["download"], height=360,
+                      elem_id=f"{task}-result")
+    used_seed = gr.Number(None, label="Seed used", precision=0, interactive=False)
+    info = gr.Markdown(label="Info", elem_id=f"{task}-info")
+    preview = gr.Image(None, label="Preview while denoising (the latents, projected to colour)",
+                       elem_id=f"{task}-preview", interactive=False, height=200, type="numpy")
+    return result, used_seed, info, preview, render_run_plot(f"{task}-run-chart")
 
 
 def render_run_plot(elem_id: str) -> "gr.LinePlot":
@@ -579,6 +586,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
                      "it). NAME:NUMBER sets its threshold / interval. Wan: first-block, TaylorSeer, MagCache; "
                      "CogVideoX: all; Wan V2V: none (its pipeline opens no cache context)",
             )
+            attention, compile_box = render_speed_knobs()
             previews = gr.Checkbox(ctx.runner.previews, label="Latent previews while denoising", elem_id="previews",
                                    info="a small picture of the latents every few steps (at most 5 % of the step time)")
             with gr.Row():
@@ -594,8 +602,26 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     leaks = gr.Markdown(leak_markdown(ctx.runner), label="Leak sentinel", elem_id="leak-panel")
     return OptimizationPanel(
         memory, cache, cache_pick, unload, unload_all, max_cache, offload, quant, vae_tiling,
-        tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews, step_cache,
+        tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews, step_cache, attention,
+        compile_box,
     )
+
+
+def render_speed_knobs() -> "tuple[gr.Radio, gr.Checkbox]":
+    """Attention backend (only those that run on this machine) and regional compile."""
+    import gradio as gr
+
+    from pipeline_utils.attention import backend_problems
+
+    runnable = [b for b, problem in backend_problems().items() if problem is None]
+    attention = gr.Radio(runnable, value="auto", label="Attention backend", elem_id="attention",
+                         info="auto = the fastest here (sage, then flash, then torch SDPA); flash / sage are offered "
+                              "when their package and a CUDA GPU are present. CogVideoX goes through the same "
+                              "dispatcher (its own processor does not: FitVideo swaps in one that does)")
+    compile_box = gr.Checkbox(False, label="Regional compile (Wan, CUDA)", elem_id="compile",
+                              info="compiles Wan's repeated block once: the first run takes minutes longer, later "
+                                   "runs are faster; CogVideoX declares no repeated blocks")
+    return attention, compile_box
 
 
 def render_jobs() -> JobsPanel:
@@ -992,10 +1018,7 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
 
 
 def listen_optimization(app: FitVideoApp, timer) -> None:
-    import gradio as gr
-
-    from pipeline_utils.fields import whole
-    from pipeline_utils.reports import cache_markdown, fmt_bytes, leak_markdown, memory_markdown
+    from pipeline_utils.reports import leak_markdown, memory_markdown
 
     ctx, opt = app.ctx, app.optimization
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -1017,6 +1040,17 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
     panels = [opt.memory, app.header, opt.leaks]
     timer.tick(memory_panels, None, panels, **hidden)
     app.demo.load(memory_panels, None, panels, api_name="memory", queue=False, show_progress="hidden")
+    listen_cache(app)
+
+
+def listen_cache(app: FitVideoApp) -> None:
+    """The pipeline cache panel: what is loaded, unload one or all, MAX_CACHE_SIZE."""
+    import gradio as gr
+
+    from pipeline_utils.fields import whole
+    from pipeline_utils.reports import cache_markdown, fmt_bytes
+
+    ctx, opt = app.ctx, app.optimization
 
     def refresh_cache():
         return cache_markdown(ctx.runner), gr.Dropdown(choices=cache_choices(ctx.runner), value=None)

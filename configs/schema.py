@@ -187,6 +187,8 @@ class GenerationRequest:
     loras: tuple[LoraChoice, ...] = ()  # adapters on the transformer(s), each with its strength (pipeline_utils/lora.py)
     shift: float | None = None  # the flow-matching scheduler's shift (Wan; a distill LoRA's preset); None: the model's
     step_cache: str | None = None  # "off", "first-block[:threshold]", "taylorseer[:interval]", ...; None: the preset's
+    attention: str = "auto"  # attention backend: auto / native / flash / sage (pipeline_utils/attention.py)
+    compile: bool = False  # regional compile of Wan's repeated blocks (CUDA only; the first run compiles)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-cache", default=None, metavar="NAME[:NUMBER]",
                    help="off, first-block[:threshold], taylorseer[:interval], magcache[:threshold], pab[:interval], "
                         "fastercache[:interval] (default: the preset's: fast = taylorseer)")
+    g.add_argument("--attention", default="auto", choices=("auto", "native", "flash", "sage"),
+                   help="attention backend (flash / sage need their package and a CUDA GPU)")
+    g.add_argument("--compile", action="store_true", help="regional compile of Wan's repeated blocks (CUDA only)")
     add_progress_flag(g)
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")

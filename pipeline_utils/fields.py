@@ -24,7 +24,7 @@ DECODE_FIELDS = {
     "vae_tiling": "enable_vae_tiling", "tile_x": "tile_x", "tile_y": "tile_y", "tile_stride_x": "tile_stride_x",
     "tile_stride_y": "tile_stride_y", "chunk_frames": "chunk_frames",
 }
-FIELDS = (*REQUEST_FIELDS, "offload", "quant", *(name for name in DECODE_FIELDS if name != "chunk_frames"), "step_cache")
+FIELDS = (*REQUEST_FIELDS, "offload", "quant", *(name for name in DECODE_FIELDS if name != "chunk_frames"), "step_cache", "attention", "compile")
 DEFAULTS = GenerationRequest(model="", task="t2v", prompt="")  # the request's own defaults, for absent fields
 
 
@@ -95,6 +95,7 @@ def request_from_fields(task: str, fields: Mapping[str, Any], seed: int | None =
         upscale=whole(get("upscale")), interpolate=whole(get("interpolate")),
         loras=loras_from_field(fields.get("loras")), shift=_real(fields.get("shift")) or None,  # 0: the model's
         step_cache=fields.get("step_cache") or None,  # None / "": the motion preset's
+        attention=fields.get("attention") or "auto", compile=bool(fields.get("compile") or False),
     )
 
 
@@ -151,5 +152,5 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
         "strength": req.strength, "offload": req.offload, "quant": req.quant, "vae_tiling": d.enable_vae_tiling,
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
         "upscale": req.upscale, "interpolate": req.interpolate, "loras": loras_to_field(req), "shift": req.shift,
-        "step_cache": req.step_cache,
+        "step_cache": req.step_cache, "attention": req.attention, "compile": req.compile,
     }

@@ -29,7 +29,7 @@ from configs.schema import (
     GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request, task_experts,
 )
 from families import get_family
-from pipeline_utils import stepcache
+from pipeline_utils import attention, stepcache
 from pipeline_utils.cache import PipelineCache
 from pipeline_utils.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
 from pipeline_utils.media import load_image, read_video
@@ -43,7 +43,7 @@ from vram_utils.timeline import MemoryTimeline, gpu_index_of
 
 logger = logging.getLogger(__name__)
 
-Stage = Literal["loading", "encoding", "denoising", "decoding", "saving", "finishing", "done"]
+Stage = Literal["loading", "compiling", "encoding", "denoising", "decoding", "saving", "finishing", "done"]
 
 
 @dataclass(frozen=True)
@@ -222,11 +222,14 @@ class Runner:
         run.step_cache = (name, threshold)
         if note:
             run.warn(note)
+        attention.resolve_backend(req.attention)  # RequestError where it cannot run here
         for note in notes:  # e.g. a still image given as the video is held for every frame
             run.warn(note)
 
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         run.plan = self.plan(req)
+        if req.compile and attention.compile_problem_for(run.spec, run.plan.device):
+            raise RequestError(f"compile=True: {attention.compile_problem_for(run.spec, run.plan.device)}")
         logger.info("plan: %s", run.plan.summary)
         if run.plan.refused:  # needs more than the device has in all: nothing would be produced
             raise RequestError(run.plan.refused)
@@ -270,6 +273,11 @@ class Runner:
         apply_loras(run.pipe, run.loras)  # adapters swapped on the cached transformer(s); offload hooks come off
         if not stepcache.needs_calibration(run.pipe, run.step_cache[0]):  # else _denoise calibrates it first
             run.cache_state = stepcache.apply_step_cache(run.pipe, *run.step_cache, steps=req.steps)
+        attention.apply_attention_backend(run.pipe, req.attention)
+        if req.compile and attention.needs_compile(run.pipe):
+            run.emit(ProgressEvent("compiling", message="compiling the transformer's repeated block (first run of "
+                                   "this model: its first steps take minutes; later runs reuse it)"))
+            attention.compile_regions(run.pipe, run.plan.device)
         run.timings.setdefault("load_s", time.perf_counter() - t0)
 
         # 4. Apply the plan (idempotent: a step-down re-applies it).

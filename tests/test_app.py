@@ -540,16 +540,16 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
         details = fresh.predict(saved.name, api_name="/result_details")
         assert "seed 71" in details and "17 frames" in details
         reused = [v.get("value") if isinstance(v, dict) else v for v in fresh.predict(saved.name, api_name="/reuse")]
-        t2v_fields = reused[8:18]  # after the 8 optimization settings: the T2V tab's fields, then I2V's, V2V's
+        t2v_fields = reused[10:20]  # after the 10 optimization settings: the T2V tab's fields, then I2V's, V2V's
         assert t2v_fields == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
         # then guidance_2 (one transformer: left as it is) and the finishing steps (off)
-        assert reused[18:21] == [None, 0, 0]
+        assert reused[20:23] == [None, 0, 0]
         # then no LoRA (an empty table), the model's shift, and the LoRA picker emptied
-        table, shift, picked = reused[21:24]
+        table, shift, picked = reused[23:26]
         assert not (table or {}).get("data") if isinstance(table, dict) or table is None else table == []
         assert shift in (None, 0)
         assert picked == []
-        assert all(v is None for v in reused[24:])  # the other tabs are left as they are
+        assert all(v is None for v in reused[26:])  # the other tabs are left as they are
         # A result deleted after the gallery listed it is refused with a message, not a crash.
         saved.unlink()
         with pytest.raises(Exception, match=f"no saved result named '{saved.name}'"):

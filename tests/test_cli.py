@@ -158,7 +158,8 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
     assert set(fields) == {
         "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "guidance_2", "frames", "fps",
         "resolution", "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y",
-        "tile_stride_x", "tile_stride_y", "upscale", "interpolate", "loras", "shift",
+        "tile_stride_x", "tile_stride_y", "upscale", "interpolate", "loras", "shift", "step_cache", "attention",
+        "compile",
     }
     assert fields["loras"] == [["style", 0.5, None], ["/loras/x.safetensors", 1.0, None]]
     assert request_from_fields("v2v", fields) == expected.replace(decode=DecodeSettings(

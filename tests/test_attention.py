@@ -1,0 +1,73 @@
+"""Attention backends through diffusers' dispatcher (CogVideoX's own processor routed through it) and regional
+compile's refusals, on the tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from configs.schema import GenerationRequest, RequestError
+from pipeline_utils import attention as A
+from pipeline_utils.tiny import COGVIDEOX_TEXT_LEN
+
+
+def _run(pipe, cog: bool) -> torch.Tensor:
+    kw = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="latent",
+              generator=torch.Generator().manual_seed(0))
+    kw.update(num_frames=9, max_sequence_length=COGVIDEOX_TEXT_LEN) if cog else kw.update(num_frames=5)
+    with torch.inference_mode():
+        return pipe(**kw).frames
+
+
+@pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-wan"])
+def test_native_keeps_the_output_bitwise_and_another_backend_really_goes_through_the_dispatcher(model, tiny_models,
+                                                                                                 monkeypatch):
+    from diffusers.models import attention_dispatch
+
+    from pipeline_utils.loaders import load_pipeline
+
+    pipe, cog = load_pipeline(model, "t2v"), model == "tiny-cogvideox"
+    base = _run(pipe, cog)
+    assert A.apply_attention_backend(pipe, "native") == "native"
+    assert torch.equal(_run(pipe, cog), base)
+    if cog:  # the backend switch needs CogVideoX's processor routed through the dispatcher
+        A._route_cogvideox_through_dispatcher(pipe.transformer)
+        assert torch.equal(_run(pipe, cog), base)  # same computation, bitwise
+    from diffusers.models.transformers import transformer_wan
+
+    seen = []
+    real = attention_dispatch.dispatch_attention_fn
+    spy = lambda *a, **k: seen.append(getattr(k.get("backend"), "value", k.get("backend"))) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", spy)  # what our CogVideoX processor calls
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", spy)  # what Wan's processor imported
+    pipe.transformer.set_attention_backend("_native_math")  # a second backend the CPU has
+    math = _run(pipe, cog)
+    assert seen and set(seen) == {"_native_math"}
+    # the math kernel sums in another order: float32 rounding, a few ulps of the latents' scale
+    assert torch.allclose(math, base, rtol=0, atol=64 * torch.finfo(torch.float32).eps * base.abs().max().item())
+    pipe.transformer.reset_attention_backend()
+
+
+def test_backends_that_cannot_run_here_are_refused_with_the_reason():
+    problems = A.backend_problems()
+    assert problems["auto"] is None and problems["native"] is None
+    for name in ("flash", "sage"):
+        if problems[name]:
+            with pytest.raises(RequestError, match=f"attention='{name}' cannot run here: {name} needs"):
+                A.resolve_backend(name)
+    with pytest.raises(RequestError, match="choose one of auto, native, flash, sage"):
+        A.resolve_backend("xformers")
+    assert A.resolve_backend("auto") == next(b for b in ("sage", "flash", "native") if problems[b] is None)
+
+
+def test_regional_compile_is_refused_off_cuda_and_for_cogvideox(runner, tiny_models):
+    from configs.schema import get_model_spec
+
+    wan, cog = get_model_spec("tiny-wan"), get_model_spec("tiny-cogvideox")
+    assert "CUDA" in A.compile_problem_for(wan, "cpu")
+    assert A.compile_problem_for(wan, "cuda:0") == ""
+    assert "no repeated blocks" in A.compile_problem_for(cog, "cuda:0")
+    if not torch.cuda.is_available():
+        req = GenerationRequest(model="tiny-wan", task="t2v", prompt="a cat", frames=5, height=32, width=32,
+                                steps=1, compile=True)
+        with pytest.raises(RequestError, match="compile=True: regional compile is for CUDA GPUs"):
+            runner.generate(req)
