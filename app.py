@@ -64,11 +64,10 @@ OFFLOAD_LABELS = {  # keys: configs.schema.OffloadChoice
     "sequential": "sequential: leaf-level offload (slowest, smallest)",
 }
 TILING_HELP = (
-    "VAE tiling decodes the video in overlapping tiles instead of whole frames. "
-    "272 px tiles with a 144 x 128 px stride (about 47% overlap, so no seams) cut the decode peak "
-    "by about 60% (1280x720, 61 frames: ~20 GB -> ~8 GB) for 15-20% more decode time. "
-    "Tile size is the largest tile and tile - stride the smallest overlap; tiles shrink to the smallest size "
-    "that keeps it. Frames smaller than a tile are decoded whole. Turn it off only when memory is plentiful."
+    "With the defaults (on, 272 / 272 / 144 / 128) the planner picks the decode's tiles: none when the whole frame "
+    "fits, else the largest tiles that fit with the same overlap (fewer pixels through the decoder: faster), and "
+    "272 px tiles with a 144 x 128 px stride only when memory demands it. Any other tile values, or tiling off, are "
+    "used as set. Tile size is the largest tile and tile - stride the smallest overlap."
 )
 CSS = """
 .fv-plan table, .fv-memory table { font-size: 0.9em; }

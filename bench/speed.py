@@ -40,6 +40,7 @@ def denoise(family: str, pipe, sched, shapes, steps: int) -> torch.Tensor:
     lat_shape, text_shape = shapes
     x = torch.randn((1,) + lat_shape[1:], generator=g)
     text = torch.randn(text_shape, generator=g)
+    sched = type(sched).from_config(sched.config)  # a fresh scheduler each run: no multistep state carried over
     sched.set_timesteps(steps)
     old = None
     for i, t in enumerate(sched.timesteps):
@@ -58,7 +59,7 @@ def denoise(family: str, pipe, sched, shapes, steps: int) -> torch.Tensor:
                                        encoder_hidden_states=text, return_dict=False)[0]
             u, c = out.chunk(2)
             x, old = sched.step(u + 5.0 * (c - u), old, t, sched.timesteps[i - 1] if i else None, x,
-                                return_dict=False)
+                                generator=torch.Generator().manual_seed(i), return_dict=False)
     return x
 
 

@@ -54,7 +54,7 @@ def precision_from_args(args: argparse.Namespace, default: str = "none") -> str:
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
     d = DecodeSettings()
     parser.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false", help="decode whole frames")
-    parser.add_argument("--tile-x", type=int, default=d.tile_x, help="largest tile width in output pixels (tiles shrink to what the overlap needs)")
+    parser.add_argument("--tile-x", type=int, default=d.tile_x, help="largest tile width in output pixels (the defaults 272/272/144/128 let the planner pick: untiled or the largest tiles that fit; other values are used as set)")
     parser.add_argument("--tile-y", type=int, default=d.tile_y, help="largest tile height in output pixels")
     parser.add_argument("--tile-stride-x", type=int, default=d.tile_stride_x, help="largest step between tiles; tile - stride is the smallest overlap")
     parser.add_argument("--tile-stride-y", type=int, default=d.tile_stride_y)

@@ -410,3 +410,11 @@ def test_the_planner_counts_the_adapters_with_the_transformer_they_sit_in(env):
     moe = lora.with_lora_params(get_model_spec(MOE), active(LoraChoice("wan_peft", 1.0, 0.0), model=MOE))
     assert moe.params["transformer"] == get_model_spec(MOE).params["transformer"] + added
     assert moe.params["transformer_2"] == get_model_spec(MOE).params["transformer_2"]
+
+
+def test_a_hub_lora_not_on_this_machine_offline_says_how_to_fetch_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("FITVIDEO_LORAS_DIR", str(tmp_path))
+    with pytest.raises(LoraError, match=r"'lightx2v/Wan-Distill/step4\.safetensors' is not on this machine.*"
+                                        r"hf download lightx2v/Wan-Distill step4\.safetensors"):
+        lora.find_lora("lightx2v/Wan-Distill/step4.safetensors")

@@ -275,13 +275,14 @@ def tile_layout(d: DecodeSettings, frame_px: tuple[int, int], factor: int):
 
 
 def tile_text(d: DecodeSettings, frame_px: tuple[int, int], factor: int) -> str:
-    """"untiled, 1.00x" or "2x3 tiles of 360x480 px, 1.25x": the layout the stream decodes and its pixel
+    """"untiled, 1.00x" or "2x3 tiles of 360x480 px (h x w), 1.25x": the layout the stream decodes and its pixel
     overhead (pixels through the decoder over the frame's pixels)."""
     layout = tile_layout(d, frame_px, factor)
     if not layout.tiled:
         return f"untiled, {layout.overhead:.2f}x"
     f = layout.factor
-    return f"{len(layout.ys)}x{len(layout.xs)} tiles of {layout.tile_h * f}x{layout.tile_w * f} px, {layout.overhead:.2f}x"
+    return (f"{len(layout.ys)}x{len(layout.xs)} tiles of {layout.tile_h * f}x{layout.tile_w * f} px (h x w), "
+            f"{layout.overhead:.2f}x")
 
 
 def decode_change(old: DecodeSettings, new: DecodeSettings) -> str | None:

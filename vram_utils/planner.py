@@ -225,17 +225,29 @@ def _smallest(arch: ModelArch, w: Workload, rung: Offload, backend: str) -> _Cho
 def _lowest(arch: ModelArch, w: Workload, t: _Target) -> _Choice:
     """When nothing fits: the pair and decode that miss the two budgets by the fewest bytes together, the
     fastest of equals (smaller tiles save GPU memory but park more causal caches in RAM, so the smallest decode
-    is not always the closest)."""
+    is not always the closest), and of equals one whose own decode fits. The pair is chosen with the seed's
+    tiles and the ladder's rungs below them; on it, larger tiles are taken when they miss by no more."""
     best: tuple[tuple[int, int], _Choice] | None = None
     for r, hw in _pairs(arch, w, t, t.rungs):
-        for d in _decode_options(arch, hw):
-            est = estimate(arch, hw.replace(decode=d), r, t.backend)  # type: ignore[arg-type]
-            miss = (max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget),
-                    max(0, est.stage_dict().get("decode", 0) - t.budget))  # of equals, one whose decode fits
+        for d in _ladder_options(arch, hw):
+            miss, est = _miss(arch, hw.replace(decode=d), r, t)
             if best is None or miss < best[0]:
                 best = (miss, _Choice(r, d, est, hw.host_rung))
     assert best is not None  # the "ram" host rung is always searched
-    return best[1]
+    choice = best[1]
+    hw = _host_workload(w, choice.host_rung)
+    for a in _auto_options(arch, hw):
+        miss, est = _miss(arch, hw.replace(decode=a), choice.offload, t)
+        if miss <= best[0]:
+            return _Choice(choice.offload, a, est, choice.host_rung)
+    return choice
+
+
+def _miss(arch: ModelArch, w: Workload, rung: Offload, t: _Target) -> tuple[tuple[int, int], Estimate]:
+    """(bytes over the two budgets, bytes the decode alone is over the device's), and the estimate."""
+    est = estimate(arch, w, rung, t.backend)  # type: ignore[arg-type]
+    over = max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget)
+    return (over, max(0, est.stage_dict().get("decode", 0) - t.budget)), est
 
 
 def _fewer_frames(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> tuple[int, _Choice] | None:
@@ -354,25 +366,24 @@ def _host_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice) -> s
 def _decode_reason(arch: ModelArch, w: Workload, chosen: DecodeSettings, fits: bool = True) -> str:
     """The decode in one line: what was chosen and why, the tiles the stream decodes and their pixel overhead
     (pixels through the decoder over the frame's pixels)."""
-    frame, factor = (w.height, w.width), arch.vae.spatial_ratio
-    layout = f"{tile_text(chosen, frame, factor)} the frame's pixels through the decoder"
-    tiles = f"{chosen.tile_x}x{chosen.tile_y} px tiles, stride {chosen.tile_stride_x}x{chosen.tile_stride_y}"
+    layout = f"{tile_text(chosen, (w.height, w.width), arch.vae.spatial_ratio)} the frame's pixels through the decoder"
+    change = _decode_change(w.decode, chosen)
     if auto_tiles(w.decode):
-        if not fits:
-            return f"decode: the closest setting, {'tiling off' if not chosen.enable_vae_tiling else tiles} ({layout})"
         options = _decode_options(arch, w)
         i, seed = options.index(chosen), options.index(w.decode)
+        if not fits:
+            return f"decode: the closest setting ({layout})"
         if i == 0:
-            return f"decode: untiled, the whole frame fits ({layout})"
+            return "decode: untiled, the whole frame fits (1.00x the frame's pixels through the decoder)"
         if i < seed:
-            return f"decode: the largest tiles that fit, {tiles} ({layout}); larger ones do not fit"
-        what = "the seed's tiles" if i == seed else _decode_change(w.decode, chosen)
-        return f"decode: {what}, {tiles}, as larger tiles do not fit ({layout})"
-    change = _decode_change(w.decode, chosen)
+            return f"decode: the largest tiles that fit ({layout}); larger ones do not"
+        what = "the seed's tiles (272 px, stride 144x128)" if i == seed else change
+        return f"decode: {what}, as larger tiles do not fit ({layout})"
     if change:
         return f"decode: {change} so the decode fits ({layout})"
-    tiling = f"on ({chosen.tile_x}x{chosen.tile_y} px tiles)" if chosen.enable_vae_tiling else "off"
-    return f"decode: VAE tiling {tiling} as set ({layout})"
+    if not chosen.enable_vae_tiling:
+        return "decode: VAE tiling off as set"  # untiled: 1.00x the frame's pixels, nothing to add
+    return f"decode: VAE tiling on ({chosen.tile_x}x{chosen.tile_y} px tiles) as set ({layout})"
 
 
 def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: DeviceInfo,
