@@ -180,7 +180,11 @@ class Runner:
         plan = vram_utils.plan(request, spec, info, resident_bytes=resident, resident_host_bytes=resident_host)
         name, threshold, _ = stepcache.resolve_step_cache(request, spec)
         if name != "off":
-            note = stepcache.plan_note(name, threshold, request.steps or 1)
+            from vram_utils.archs import arch_for
+            from vram_utils.estimate import step_cache_bytes, workload_for
+
+            kept = step_cache_bytes(arch_for(spec, request.task), workload_for(request, spec).replace(step_cache=name))
+            note = stepcache.plan_note(name, threshold, request.steps or 1, kept)
             plan = plan.replace(reasons=(*plan.reasons, note), summary=f"{plan.summary}, step cache {name}")
         if active:
             plan = plan.replace(reasons=(*plan.reasons, lora_reason(active, spec)),

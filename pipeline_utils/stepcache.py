@@ -330,7 +330,7 @@ def needs_calibration(pipe, name: str) -> bool:
     return name == "magcache" and not magcache_path(magcache_key(pipe)).is_file()
 
 
-def plan_note(name: str, threshold: float | None, steps: int) -> str:
+def plan_note(name: str, threshold: float | None, steps: int, kept_bytes: int = 0) -> str:
     """One line for the plan: the cache, what it keeps in memory, and the share of block computations it runs."""
     if name == "off":
         return ""
@@ -345,4 +345,5 @@ def plan_note(name: str, threshold: float | None, steps: int) -> str:
     memory = {"first-block": "two hidden-state tensors per branch", "magcache": "one residual per branch",
               "taylorseer": "the output projection's input and its first difference per branch",
               "pab": "one attention output per layer", "fastercache": "attention outputs per layer and branch"}[name]
-    return f"step cache {name}:{value:g} {share}; keeps {memory} (latent-token sized)"
+    size = f", {kept_bytes / 2**30:.2f} GiB counted in the denoise stage" if kept_bytes else ""
+    return f"step cache {name}:{value:g} {share}; keeps {memory} (latent-token sized{size})"

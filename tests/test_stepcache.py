@@ -117,3 +117,22 @@ def test_a_lora_and_a_cache_compose_and_removal_restores(model, tmp_path):
     assert torch.equal(run(pipe, cog), with_lora)
     lora.apply_loras(pipe, ())
     assert torch.equal(run(pipe, cog), base)
+
+
+def test_the_planner_counts_what_each_cache_keeps_in_the_denoise_stage():
+    from configs.schema import GenerationRequest, get_model_spec
+    from vram_utils.archs import arch_for
+    from vram_utils.estimate import STEP_CACHE_TENSORS, denoise_activation_bytes, video_tokens, workload_for
+
+    spec = get_model_spec("THUDM/CogVideoX-5b")
+    arch = arch_for(spec)
+    off = workload_for(GenerationRequest(model=spec.id, task="t2v", prompt="a cat", step_cache="off"), spec)
+    tokens = video_tokens(off, arch) + arch.transformer.joint_text_tokens
+    hidden = tokens * arch.transformer.dim * off.dtype_bytes * 2  # one tensor per branch (guidance 6: cond + uncond)
+    for name, (fixed, per_block) in STEP_CACHE_TENSORS.items():
+        w = off.replace(step_cache=name)
+        extra = denoise_activation_bytes(arch, w) - denoise_activation_bytes(arch, off)
+        assert extra == (fixed + per_block * arch.transformer.layers) * hidden, name
+    # the fast preset's TaylorSeer is counted when the request leaves the cache to the preset
+    fast = workload_for(GenerationRequest(model=spec.id, task="t2v", prompt="a cat", preset="fast"), spec)
+    assert fast.step_cache == "taylorseer"

@@ -101,6 +101,7 @@ class Workload:
     quant: Quant = "none"
     decode: DecodeSettings = DecodeSettings()
     host_rung: HostRung = "ram"  # what is held in host RAM (vram_utils/ladder.py HOST_MEASURES)
+    step_cache: str = "off"  # the run's step cache: it keeps hidden-state tensors between steps (STEP_CACHE_TENSORS)
 
     def replace(self, **changes) -> "Workload":
         import dataclasses
@@ -182,6 +183,23 @@ def video_tokens(w: Workload, arch: ModelArch) -> int:
     return t * h * wd
 
 
+# Hidden-state tensors (tokens x width, compute dtype) a step cache keeps between steps, per guidance branch:
+# (fixed, per transformer block). diffusers' hooks: first-block keeps the first block's residual and the last
+# hidden states, MagCache one residual, TaylorSeer (lite) the output projection's input and its first
+# difference; PAB one attention output per block, FasterCache two (cond, uncond) per block.
+STEP_CACHE_TENSORS = {"off": (0, 0), "first-block": (2, 0), "magcache": (1, 0), "taylorseer": (2, 0),
+                      "pab": (0, 1), "fastercache": (0, 2)}
+
+
+def step_cache_bytes(arch: ModelArch, w: Workload) -> int:
+    """What the run's step cache keeps in memory while it denoises (0 without one)."""
+    fixed, per_block = STEP_CACHE_TENSORS.get(w.step_cache, (0, 0))
+    tr = arch.transformer
+    branches = 2 if w.cfg else 1
+    tokens = video_tokens(w, arch) + tr.joint_text_tokens
+    return (fixed + per_block * tr.layers) * branches * tokens * tr.dim * w.dtype_bytes
+
+
 def workload_for(request: GenerationRequest, spec: ModelSpec) -> Workload:
     """The request's shapes with the model's and preset's defaults filled in (no validation here)."""
     h0, w0 = spec.default_resolution
@@ -197,6 +215,7 @@ def workload_for(request: GenerationRequest, spec: ModelSpec) -> Workload:
         dtype_bytes=DTYPE_BYTES[spec.default_dtype],
         quant=request.quant,
         decode=request.decode,
+        step_cache=(request.step_cache or load_presets()[request.preset].step_cache).split(":")[0],
     )
 
 
@@ -290,8 +309,8 @@ def denoise_activation_bytes(arch: ModelArch, w: Workload) -> int:
     act = int(batch * tokens * per_token * w.dtype_bytes)
     if w.quant != "none":  # a quantized layer is dequantized / upcast to the compute dtype while it runs
         act += tr.largest_leaf_params * w.dtype_bytes
-    # latents, noise predictions (cond + uncond) and the scheduler's copies
-    return act + 4 * latent_bytes(arch, w)
+    # latents, noise predictions (cond + uncond) and the scheduler's copies; a step cache's kept tensors
+    return act + 4 * latent_bytes(arch, w) + step_cache_bytes(arch, w)
 
 
 # ATen runs a float32 conv3d on the CPU with its slow im2col kernel up to this input size, with oneDNN above
