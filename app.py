@@ -46,7 +46,8 @@ STEP_CACHE_CHOICES = [  # (label, value); "" = the motion preset's (fast: Taylor
     ("TaylorSeer (interval 5)", "taylorseer"), ("MagCache (threshold 0.06; first run calibrates)", "magcache"),
     ("Pyramid Attention Broadcast (CogVideoX)", "pab"), ("FasterCache (CogVideoX)", "fastercache"),
 ]
-JOBS_REFRESH_S = 1.0  # the Jobs panel follows the server's queue this often
+JOBS_REFRESH_S = 1.0
+LIVE_REFRESH_S = 5.0  # the live memory chart (a redraw costs the browser more than the table)  # the Jobs panel follows the server's queue this often
 STOP_WAIT_S = 60.0  # how long Stop waits for the run to reach its next step before answering
 DEFAULT_PROMPT = "a cat walks on the beach at sunset, cinematic"  # so the very first click works
 
@@ -641,7 +642,7 @@ def render_jobs() -> JobsPanel:
                 result = gr.Video(None, label="Your latest result", elem_id="jobs-result", interactive=False,
                                   height=180)
         data = gr.JSON(visible=False)
-    return JobsPanel(table, preview, result, pick, stop, data, gr.State(""))
+    return JobsPanel(table, preview, result, pick, stop, data, gr.State({}))
 
 
 def render_gallery() -> GalleryPanel:
@@ -918,7 +919,8 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     tab.model.change(lambda m, picked: gr.Dropdown(choices=lora_choices(m), value=[
         p for p in picked or [] if p in lora_choices(m)]), [tab.model, tab.lora_pick], tab.lora_pick, **hidden)
     app.demo.load(lambda m: gr.Dropdown(choices=lora_choices(m)), tab.model, tab.lora_pick, **hidden)  # new files
-    tab.lora_pick.input(lora_rows, [tab.lora_pick, tab.loras], [tab.loras, tab.lora_preset], **hidden)
+    tab.lora_pick.change(lambda picked, table: lora_rows(picked, table), [tab.lora_pick, tab.loras],
+                         [tab.loras, tab.lora_preset], **hidden)
     tab.lora_preset.click(use_lora_preset, [tab.lora_pick, tab.steps, tab.guidance, tab.shift],
                           [tab.steps, tab.guidance, tab.shift], **hidden)
     # Events that take an upload get it unprocessed: check_input reads it and names what is wrong with it.
@@ -966,20 +968,28 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
     ctx, panel = app.ctx, app.jobs
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
 
-    def refresh(shown: str, request: gr.Request):
+    def refresh(shown: dict, request: gr.Request):
+        """Only what changed since this page's last tick goes out (a reloaded page starts from nothing)."""
         jobs = ctx.queue.jobs(owner=request.username if request.username else None)
         running = next((j for j in jobs if j.state == "running"), None)
         latest = next((j.view()["video"] for j in jobs if j.state == "done" and j.view()["video"]), "")
         live = [(f"{j.id} · {j.task.upper()} · {j.state}", j.id) for j in jobs if j.state in ("running", "waiting")]
         mine = [running.preview if running is not None and running.session == request.session_hash
                 and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
-        new = latest != shown  # a job finished since this page last looked: its video, and the gallery again
-        results = list_results(ctx.outputs_dir) if new else []
-        return (jobs_markdown(jobs), running.preview if running is not None else None,
-                latest if new else gr.skip(), latest,
-                gr.Dropdown(choices=live, value=live[0][1] if live else None), *mine,
-                gallery_items(results) if new else gr.skip(),
-                gr.Dropdown(choices=[r.name for r in results]) if new else gr.skip())
+        panel_preview = running.preview if running is not None else None
+        stamp = (running.id, running.preview_n) if running is not None else None  # ids of arrays get reused
+        now = {"table": jobs_markdown(jobs), "video": latest, "pick": repr(live), "preview": repr(stamp),
+               "tabs": repr([stamp if m is not None else None for m in mine])}
+        old = shown or {}
+        same = {k: old.get(k) == v for k, v in now.items()}
+        results = list_results(ctx.outputs_dir) if not same["video"] else []
+        return (now["table"] if not same["table"] else gr.skip(),
+                panel_preview if not same["preview"] else gr.skip(),
+                latest if not same["video"] else gr.skip(), now,
+                gr.Dropdown(choices=live, value=live[0][1] if live else None) if not same["pick"] else gr.skip(),
+                *(m if not same["tabs"] else gr.skip() for m in mine),
+                gallery_items(results) if not same["video"] else gr.skip(),
+                gr.Dropdown(choices=[r.name for r in results]) if not same["video"] else gr.skip())
 
     def listing(request: gr.Request) -> list[dict]:
         return [j.view() for j in ctx.queue.jobs(owner=request.username if request.username else None)]
@@ -1017,6 +1027,8 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
 
 
 def listen_optimization(app: FitVideoApp, timer) -> None:
+    import gradio as gr
+
     from pipeline_utils.reports import leak_markdown, memory_markdown
 
     ctx, opt = app.ctx, app.optimization
@@ -1034,7 +1046,7 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
         LIVE.sample()
         return LIVE.frame()
 
-    timer.tick(live_chart, None, opt.live_plot, **hidden)
+    gr.Timer(LIVE_REFRESH_S).tick(live_chart, None, opt.live_plot, **hidden)
     opt.previews.input(lambda on: setattr(ctx.runner, "previews", bool(on)), opt.previews, None, **hidden)
     panels = [opt.memory, app.header, opt.leaks]
     timer.tick(memory_panels, None, panels, **hidden)

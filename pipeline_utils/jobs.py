@@ -56,6 +56,7 @@ class Job:
     # Kept in memory only:
     last: Any = None  # the runner's last ProgressEvent
     preview: Any = None  # the latest latent preview (uint8 H x W x 3), while denoising
+    preview_n: int = 0  # previews made so far (a page sends a preview again only when this moves)
     result: Any = None  # the RunResult (or RedecodeResult) once done
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
@@ -273,6 +274,7 @@ def run_job(runner, job: Job, lock: threading.Lock | None = None):
         preview = getattr(event, "preview", None)
         if preview is not None:
             job.preview = preview
+            job.preview_n += 1
 
     with lock or threading.Lock():
         if job.resumed.startswith("resumed") and latents_saved(job):

@@ -317,6 +317,9 @@ def test_two_loras_with_strengths_generate_list_in_the_details_and_reuse_restore
     page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length === 6")
     assert [cells.nth(i).inner_text() for i in (0, 1, 3, 4)] == ["style_a", "0.5", "fast_b", "0.25"]
     assert "style_a" in page.locator("#t2v-lora-pick").inner_text()
+    # Leave the tab without LoRAs (their folder goes with this test)
+    page.locator("#t2v-lora-pick").get_by_role("button", name=re.compile("remove|clear", re.I)).last.click()
+    page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length <= 3")
 
 
 def _img_src(page, elem_id: str) -> str:

@@ -283,8 +283,9 @@ def test_cli_generate_int8_end_to_end(tmp_path, tiny_models, model):
 # --------------------------------------------------------------------------- nothing accumulates
 
 
-# Wan for every mode (its UniPC scheduler is the one that keeps latents between calls), CogVideoX once.
-@pytest.mark.parametrize("model,mode", [("tiny-wan", m) for m in MODES] + [("tiny-cogvideox", "int8")])
+# Wan (its UniPC scheduler is the one that keeps latents between calls), unquantized and int8 (torchao's
+# tensors and the heap trim after quantizing); fp8 storage and CogVideoX share every path these two take.
+@pytest.mark.parametrize("model,mode", [("tiny-wan", "none"), ("tiny-wan", "int8")])
 def test_ten_runs_stay_flat(tmp_path, tiny_models, one_thread, model, mode):
     runner = Runner(PipelineCache(max_size=1), outputs_dir=tmp_path)
     # One run first: lazy imports, kernel selection and allocator pools grow once per process, not per run.

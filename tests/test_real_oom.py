@@ -88,10 +88,11 @@ def test_app_decode_steps_down_under_a_real_address_space_limit(big_vae_run):
     need = free["peak"] - free["start"]  # what the untiled decode added to the address space (0.9-1.5 GB seen)
     assert need > 256 << 20
 
-    # VmPeak varies from run to run (allocator arenas), so a few limits are tried, tightest-but-one first: the
-    # first that makes the untiled decode fail and still finishes by stepping down is the proof.
+    # VmPeak varies from run to run (allocator arenas), and a failed untiled attempt leaves some of its address
+    # space mapped (glibc arenas under RLIMIT_AS), so a few limits are tried, the one that held most often here
+    # first: the first that makes the untiled decode fail and still finishes by stepping down is the proof.
     tried = []
-    for fraction in (0.3, 0.45, 0.2):
+    for fraction in (0.6, 0.45, 0.75, 0.3):
         tight = run_decode(latents, root / "tight.mp4", int(fraction * need), check=False)
         sidecar = json.loads((root / "tight.json").read_text()) if (root / "tight.json").is_file() else {}
         steps = sidecar.get("step_downs", [])
