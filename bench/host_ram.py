@@ -77,27 +77,35 @@ RUNGS = ("ram", "disk", "disk", "ram+text-encoder", "text-encoder-first", "ram+e
 # --------------------------------------------------------------------------- the model
 
 
-def build_stack(folder: Path, blocks: int, seed: int = 0) -> int:
-    """Save a `blocks`-deep Wan 14B-width transformer with random bf16 weights (from `seed`) to `folder`; returns
-    its weight bytes. Built on meta and materialised one tensor at a time from a shared random pool (a 3 GiB model in
-    about 20 s on 2 cores instead of minutes of randn), so RAM holds the weights once."""
+def random_bf16_model(cls, config: dict, blocks: int, seed: int = 0, pool_size: int = 1 << 24):
+    """A `blocks`-deep `cls(**config)` with random bf16 weights, built on meta and materialised one tensor at a
+    time from a shared random pool (a 3 GiB model in about 20 s on 2 cores instead of minutes of randn), so RAM
+    holds the weights once. bench/lora.py builds its transformers with it too."""
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from diffusers import WanTransformer3DModel
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with init_empty_weights(include_buffers=False):  # parameters on meta, the rope tables real
-            model = WanTransformer3DModel(num_layers=blocks, **WAN_14B_CONFIG)
+            model = cls(num_layers=blocks, **config)
     finally:
         torch.set_default_dtype(previous)
-    pool = (torch.randn(1 << 24, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
+    pool = (torch.randn(pool_size, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
     for i, (name, param) in enumerate(list(model.named_parameters())):
         n = param.numel()
         values = torch.roll(pool, (i * 7919) % pool.numel()).repeat(-(-n // pool.numel()))[:n]
         set_module_tensor_to_device(model, name, "cpu", value=values.reshape(param.shape), dtype=torch.bfloat16)
+    return model
+
+
+def build_stack(folder: Path, blocks: int, seed: int = 0) -> int:
+    """Save a `blocks`-deep Wan 14B-width transformer with random bf16 weights (from `seed`) to `folder`; returns
+    its weight bytes."""
+    from diffusers import WanTransformer3DModel
+
+    model = random_bf16_model(WanTransformer3DModel, WAN_14B_CONFIG, blocks, seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder)
     return weight_bytes

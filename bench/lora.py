@@ -72,23 +72,10 @@ def build_model(cls_name: str, config: dict, blocks: int, folder: Path, seed: in
     """Save a `blocks`-deep transformer of `config` with random bf16 weights to `folder`; returns its parameters.
     Built on meta and materialised one tensor at a time from a shared random pool (bench/host_ram.py)."""
     import diffusers
-    import torch
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
 
-    cls = getattr(diffusers, cls_name)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with init_empty_weights(include_buffers=False):
-            model = cls(num_layers=blocks, **config)
-    finally:
-        torch.set_default_dtype(previous)
-    pool = (torch.randn(1 << 22, generator=torch.Generator().manual_seed(seed)) * 0.02).to(torch.bfloat16)
-    for i, (name, param) in enumerate(list(model.named_parameters())):
-        n = param.numel()
-        values = torch.roll(pool, (i * 7919) % pool.numel()).repeat(-(-n // pool.numel()))[:n]
-        set_module_tensor_to_device(model, name, "cpu", value=values.reshape(param.shape), dtype=torch.bfloat16)
+    from bench.host_ram import random_bf16_model
+
+    model = random_bf16_model(getattr(diffusers, cls_name), config, blocks, seed, pool_size=1 << 22)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
     return params
