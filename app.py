@@ -510,7 +510,8 @@ def lora_rows(picked: list[str] | None, table: Any) -> tuple[list[list], Any]:
         c = old.get(name)
         rows.append([name, c.strength if c else 1.0, c.strength_2 if c else None])
         try:
-            preset = preset or (lora_file(name).preset and (name, lora_file(name).preset))
+            found = None if preset else lora_file(name).preset  # each file read once, only until one has a preset
+            preset = preset or (found and (name, found))
         except RequestError:
             pass
     label = f"Use preset: {preset[1].text(preset[0])}" if preset else "Use LoRA preset"
