@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -40,14 +41,17 @@ logger = logging.getLogger("fitvideo")
 GPU_QUEUE = "gpu"  # one concurrency group for everything that touches the models: one run at a time
 DEFAULT_QUEUE_SIZE = 16  # waiting jobs beyond this are refused ("queue full") instead of piling up
 DEFAULT_MAX_UPLOAD = "200mb"  # per uploaded file (images, input videos)
-MEMORY_REFRESH_S = 2.0
+PAGE_REFRESH_S = 2.0  # one timer for the page: the Jobs panel, the memory panels (the live chart: LIVE_REFRESH_S)
 STEP_CACHE_CHOICES = [  # (label, value); "" = the motion preset's (fast: TaylorSeer)
     ("the preset's (fast: TaylorSeer)", ""), ("off", "off"), ("first-block (threshold 0.05)", "first-block"),
     ("TaylorSeer (interval 5)", "taylorseer"), ("MagCache (threshold 0.06; first run calibrates)", "magcache"),
     ("Pyramid Attention Broadcast (CogVideoX)", "pab"), ("FasterCache (CogVideoX)", "fastercache"),
 ]
-JOBS_REFRESH_S = 1.0
-LIVE_REFRESH_S = 5.0  # the live memory chart (a redraw costs the browser more than the table)  # the Jobs panel follows the server's queue this often
+SELECT_TAB_JS = """(task) => { const name = task.toUpperCase();
+  const button = [...document.querySelectorAll('button[role=tab]')].find(b => b.innerText.trim() === name);
+  if (button) button.click(); return []; }"""
+PROGRESS_EVERY_S = 0.4  # the newest progress of a run goes to its page this often
+LIVE_REFRESH_S = 6.0  # the live memory chart (a redraw costs the browser more than the table)
 STOP_WAIT_S = 60.0  # how long Stop waits for the run to reach its next step before answering
 DEFAULT_PROMPT = "a cat walks on the beach at sunset, cinematic"  # so the very first click works
 
@@ -308,6 +312,7 @@ class GalleryPanel:
     upscale: "gr.Button | None" = None  # finishing steps on the picked result
     interpolate: "gr.Button | None" = None
     run_plot: "gr.LinePlot | None" = None  # the picked result's memory over time
+    reuse_task: "gr.Textbox | None" = None  # hidden: the tab Reuse opens, read by SELECT_TAB_JS
 
 
 @dataclass
@@ -662,7 +667,8 @@ def render_gallery() -> GalleryPanel:
         interpolate = gr.Button("Interpolate ×2", scale=1, elem_id="gallery-interpolate")
     details = gr.Markdown(label="Details", elem_id="gallery-details")
     run_plot = render_run_plot("gallery-run-chart")
-    return GalleryPanel(gallery, pick, details, reuse, refresh, upscale, interpolate, run_plot)
+    reuse_task = gr.Textbox(visible=False)
+    return GalleryPanel(gallery, pick, details, reuse, refresh, upscale, interpolate, run_plot, reuse_task)
 
 
 # =========================================================================== event handlers
@@ -748,14 +754,19 @@ def make_generate(ctx: AppContext, task: str):
 async def wait_for_job(queue: "JobQueue", job: "Job", progress) -> None:
     """Until the job ends: its progress into this page's progress bar (waiting: its place in the queue)."""
     shown: Any = None
+    sent_at = 0.0
     while not job.done.is_set():
+        event = job.last
         if job.state == "waiting":
             ahead = queue.ahead(job)
             if shown != ahead:
                 shown = ahead
                 progress(0.0, desc=f"waiting in the queue: {ahead} job{'s' if ahead != 1 else ''} ahead")
-        elif job.last is not shown and job.last is not None:
-            shown = job.last
+        # A new stage shows at once; steps within one at most every PROGRESS_EVERY_S: each update makes Gradio's
+        # frontend walk every component that was ever an output, and a 2-core machine's browser falls behind
+        elif event is not shown and event is not None and (
+                getattr(shown, "stage", None) != event.stage or time.monotonic() - sent_at >= PROGRESS_EVERY_S):
+            shown, sent_at = event, time.monotonic()
             _progress_to_gradio(progress, shown)
         await asyncio.sleep(0.1)
 
@@ -959,8 +970,9 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     tab.stop.click(make_stop(ctx, tab.task), None, tab.info, cancels=[run], queue=False, api_name=f"stop_{tab.task}")
 
 
-def listen_jobs(app: FitVideoApp, timer) -> None:
-    """The Jobs panel from the server's queue, every tick and when the page loads; Stop for a picked job."""
+def listen_jobs(app: FitVideoApp) -> tuple:
+    """The Jobs panel: Stop for a picked job, `/jobs`; returns the panel's refresh and its outputs for the page
+    timer (`listen_page_timer`)."""
     import gradio as gr
 
     from pipeline_utils.jobs import jobs_markdown
@@ -973,7 +985,7 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
         """Only what changed since this page's last tick goes out (a reloaded page starts from nothing)."""
         jobs = ctx.queue.jobs(owner=request.username if request.username else None)
         running = next((j for j in jobs if j.state == "running"), None)
-        latest = next((j.view()["video"] for j in jobs if j.state == "done" and j.view()["video"]), "")
+        latest = next((j.view()["video"] for j in jobs if j.state == "done" and j.view()["video"]), None)  # "" = cwd
         live = [(f"{j.id} · {j.task.upper()} · {j.state}", j.id) for j in jobs if j.state in ("running", "waiting")]
         mine = [running.preview if running is not None and running.session == request.session_hash
                 and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
@@ -1004,9 +1016,9 @@ def listen_jobs(app: FitVideoApp, timer) -> None:
 
     outputs = [panel.table, panel.preview, panel.result, panel.shown, panel.pick,
                *(tab.preview for tab in app.task_tabs.values()), app.gallery.gallery, app.gallery.pick]
-    gr.on([timer.tick, app.demo.load], refresh, panel.shown, outputs, **hidden)
     app.demo.load(listing, None, panel.data, api_name="jobs", queue=False)
     panel.stop.click(stop, panel.pick, panel.table, api_name="stop_job", queue=False)
+    return refresh, outputs
 
 
 def after_run(app: FitVideoApp, task: str) -> tuple:
@@ -1027,7 +1039,8 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
     )
 
 
-def listen_optimization(app: FitVideoApp, timer) -> None:
+def listen_optimization(app: FitVideoApp) -> tuple:
+    """The Optimization tab's events; returns its memory panels' refresh and outputs for the page timer."""
     import gradio as gr
 
     from pipeline_utils.reports import leak_markdown, memory_markdown
@@ -1041,18 +1054,36 @@ def listen_optimization(app: FitVideoApp, timer) -> None:
         info = vram_utils.probe()
         return memory_markdown(info), info.summary(), leak_markdown(ctx.runner)
 
-    def live_chart():
-        from pipeline_utils.charts import LIVE
-
-        LIVE.sample()
-        return LIVE.frame()
-
-    gr.Timer(LIVE_REFRESH_S).tick(live_chart, None, opt.live_plot, **hidden)
     opt.previews.input(lambda on: setattr(ctx.runner, "previews", bool(on)), opt.previews, None, **hidden)
     panels = [opt.memory, app.header, opt.leaks]
-    timer.tick(memory_panels, None, panels, **hidden)
     app.demo.load(memory_panels, None, panels, api_name="memory", queue=False, show_progress="hidden")
     listen_cache(app)
+    return memory_panels, [*panels, opt.live_plot]
+
+
+def listen_page_timer(app: FitVideoApp, timer, jobs: tuple, memory: tuple) -> None:
+    """One tick for the whole page. Gradio's frontend walks every component with a loading status on each event,
+    so each extra timer costs the browser a pass over the page: the Jobs panel and the memory panels share this
+    one, and the live chart (a costly redraw) goes out every LIVE_REFRESH_S of it."""
+
+    import gradio as gr
+
+    from pipeline_utils.charts import LIVE
+
+    (jobs_refresh, jobs_outputs), (memory_panels, memory_outputs) = jobs, memory
+    shown_at = jobs_outputs.index(app.jobs.shown)
+
+    def tick(shown: dict, request: gr.Request):
+        panel = list(jobs_refresh(shown, request))
+        last = (shown or {}).get("live_at", 0.0)
+        due = time.monotonic() - last >= LIVE_REFRESH_S
+        if due:
+            LIVE.sample()
+        panel[shown_at] = {**panel[shown_at], "live_at": time.monotonic() if due else last}
+        return *panel, *memory_panels(), LIVE.frame() if due else gr.skip()
+
+    gr.on([timer.tick, app.demo.load], tick, app.jobs.shown, [*jobs_outputs, *memory_outputs],
+          queue=False, api_visibility="private", show_progress="hidden")
 
 
 def listen_cache(app: FitVideoApp) -> None:
@@ -1132,10 +1163,13 @@ def listen_gallery(app: FitVideoApp) -> None:
         lambda name: run_plot_update(getattr(find_result(ctx.outputs_dir, name), "data", None)), g.pick, g.run_plot,
         **hidden)
 
-    outputs = [app.tabs, app.active_task, *app.optimization.fields().values()]
+    outputs = [app.active_task, g.reuse_task, *app.optimization.fields().values()]
     for tab in app.task_tabs.values():
         outputs += [*tab.fields().values(), tab.lora_pick]
-    g.reuse.click(make_reuse(app), g.pick, outputs, api_name="reuse", queue=False)
+    # The tab is switched in the page: a gr.Tabs output keeps a loading status on the Tabs, and from then on
+    # every event (each timer tick) makes Gradio's frontend copy the value of every component under it
+    g.reuse.click(make_reuse(app), g.pick, outputs, api_name="reuse", queue=False).success(
+        None, g.reuse_task, None, js=SELECT_TAB_JS, **hidden)
     for button, step in ((g.upscale, "upscale"), (g.interpolate, "interpolate")):
         button.click(make_finish(app, step), g.pick, [g.details], api_name=f"{step}_result",
                      concurrency_id=GPU_QUEUE, concurrency_limit=1).success(refresh, None, [g.gallery, g.pick], **hidden)
@@ -1196,7 +1230,7 @@ def make_reuse(app: FitVideoApp):
             updates.pop(tab.guidance_2, None)
         names = [row[0] for row in values["loras"]]  # the picker shows the LoRAs the table holds
         updates[tab.lora_pick] = gr.Dropdown(choices=sorted({*lora_choices(req.model), *names}), value=names)
-        updates.update({app.tabs: gr.Tabs(selected=req.task), app.active_task: req.task})
+        updates.update({app.active_task: req.task, app.gallery.reuse_task: req.task})  # SELECT_TAB_JS opens it
         if req.model in offered_models(req.task, ctx.models_dir):  # a model still offered for the task
             spec = get_model_spec(req.model)
             updates[tab.model] = req.model
@@ -1230,7 +1264,7 @@ def build_app(
     runner: "Runner",
     default_quant: str = "none",
     queue_size: int = DEFAULT_QUEUE_SIZE,
-    memory_refresh_s: float = MEMORY_REFRESH_S,
+    refresh_s: float = PAGE_REFRESH_S,
     models_dir: str | Path | None = None,
 ) -> FitVideoApp:
     """The whole UI around one runner. Loads no model: everything heavy waits for Generate. Diffusers folders
@@ -1264,12 +1298,10 @@ def build_app(
                 gallery = render_gallery()
             with gr.Tab("Optimization", id="optimization"):
                 optimization = render_optimization(ctx)
-        timer = gr.Timer(memory_refresh_s)
         app = FitVideoApp(demo, ctx, header, tabs, task_tabs, optimization, gallery, active_task, queue_size, jobs)
         for tab in task_tabs.values():
             listen_task_tab(app, tab)
-        listen_jobs(app, gr.Timer(JOBS_REFRESH_S))
-        listen_optimization(app, timer)
+        listen_page_timer(app, gr.Timer(refresh_s), listen_jobs(app), listen_optimization(app))
         listen_gallery(app)
     return app
 
@@ -1294,6 +1326,9 @@ def serve(
         prevent_thread_lock=True,
         quiet=True,
         css=CSS,
+        # The Gallery and its sidecars are the history; Gradio's own copies every call's inputs and component
+        # configs into localStorage on each event, which keeps a 2-core machine's browser busy
+        run_history=False,
     )
     return url
 

@@ -152,5 +152,5 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
         "strength": req.strength, "offload": req.offload, "quant": req.quant, "vae_tiling": d.enable_vae_tiling,
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
         "upscale": req.upscale, "interpolate": req.interpolate, "loras": loras_to_field(req), "shift": req.shift,
-        "step_cache": req.step_cache, "attention": req.attention, "compile": req.compile,
+        "step_cache": req.step_cache or "", "attention": req.attention, "compile": req.compile,  # "": the preset's
     }

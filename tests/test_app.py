@@ -286,6 +286,25 @@ def test_second_guidance_slider_shows_for_two_expert_pipelines_only(served):
     assert app.with_upload_paths({**values, "model": "tiny-wan-moe"}, "t2v")["guidance_2"] == 4.0
 
 
+def test_reused_settings_are_among_the_choices_of_their_radio_and_dropdown(served):
+    # A value a Dropdown does not offer (None where the choice is "") makes its frontend emit change after change:
+    # each one re-planned all three tabs and kept a 2-core machine's browser busy after every Reuse.
+    import gradio as gr
+
+    from configs.schema import GenerationRequest
+    from pipeline_utils.fields import fields_from_request
+
+    ui = served.ui
+    for task, tab in ui.task_tabs.items():
+        req = GenerationRequest(model=tab.model.value, task=task, prompt="x")
+        values = fields_from_request(req)
+        for name, component in {**ui.optimization.fields(), **tab.fields()}.items():
+            if isinstance(component, (gr.Dropdown, gr.Radio)) and not getattr(component, "multiselect", False):
+                offered = [value for _, value in component.choices]
+                if name not in ("model", "resolution", "frames"):  # those follow the model (set by Reuse itself)
+                    assert values[name] in offered, (task, name, values[name], offered)
+
+
 def test_bad_input_names_the_value_and_the_app_stays_up(served, client):
     from gradio_client.exceptions import AppError
 
@@ -371,9 +390,11 @@ def test_uploads_over_the_cap_are_refused(served, client, tmp_path):
 # --------------------------------------------------------------------------- progress, stop, queue
 
 
-def test_progress_reports_stage_names_to_api_clients(served, client):
+def test_progress_reports_stage_names_to_api_clients(served, client, monkeypatch):
     client.predict(api_name="/unload_all")  # a cold start shows the loading stage
-    # A run of seconds: the client samples the latest status, so a busy machine still shows several steps.
+    # A run of seconds (each step slowed to 30 ms: a tiny step is faster than the page's progress updates, one
+    # every PROGRESS_EVERY_S): the client samples the latest status and sees several steps.
+    monkeypatch.setattr(served.runner, "fault_hook", lambda stage, i: time.sleep(0.03) if stage == "denoising" else None)
     job = client.submit(**tiny(steps=100, frames=17, resolution="64x64", seed=21), api_name="/t2v")
     seen: list[str] = []
     while not job.done():
@@ -540,6 +561,8 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
         details = fresh.predict(saved.name, api_name="/result_details")
         assert "seed 71" in details and "17 frames" in details
         reused = [v.get("value") if isinstance(v, dict) else v for v in fresh.predict(saved.name, api_name="/reuse")]
+        task, reused = reused[0], reused[1:]
+        assert task == "t2v"  # the tab the page opens (a hidden box that SELECT_TAB_JS reads)
         t2v_fields = reused[10:20]  # after the 10 optimization settings: the T2V tab's fields, then I2V's, V2V's
         assert t2v_fields == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
         # then guidance_2 (one transformer: left as it is) and the finishing steps (off)
