@@ -71,8 +71,9 @@ OFFLOAD_LABELS = {  # keys: configs.schema.OffloadChoice
 TILING_HELP = (
     "With the defaults (on, 272 / 272 / 144 / 128) the planner picks the decode's tiles: none when the whole frame "
     "fits, else the largest tiles that fit with the same overlap (fewer pixels through the decoder: faster), and "
-    "272 px tiles with a 144 x 128 px stride only when memory demands it. Any other tile values, or tiling off, are "
-    "used as set. Tile size is the largest tile and tile - stride the smallest overlap."
+    "272 px tiles with a 144 x 128 px stride only when memory demands it. Any other tile values, tiling off, or "
+    "\"Tiles as set\" (these tiles exactly, even at the defaults) are used as set. Tile size is the largest tile "
+    "and tile - stride the smallest overlap."
 )
 CSS = """
 .fv-plan table, .fv-memory table { font-size: 0.9em; }
@@ -295,10 +296,11 @@ class OptimizationPanel:
     step_cache: "gr.Dropdown | None" = None  # the request's step cache ("" = the motion preset's)
     attention: "gr.Radio | None" = None  # attention backend (only those that run here)
     compile: "gr.Checkbox | None" = None  # regional compile (Wan, CUDA)
+    fixed_tiles: "gr.Checkbox | None" = None  # the tiles as set, even at the defaults
 
     def fields(self) -> dict[str, Any]:
         names = ("offload", "quant", "vae_tiling", "tile_x", "tile_y", "tile_stride_x", "tile_stride_y", "step_cache",
-                 "attention", "compile")
+                 "attention", "compile", "fixed_tiles")
         return {n: getattr(self, n) for n in names}
 
 
@@ -600,6 +602,8 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
                 tile_y = gr.Number(d.tile_y, label="Tile height (px)", precision=0, minimum=32)
                 stride_x = gr.Number(d.tile_stride_x, label="Stride x (px)", precision=0, minimum=32)
                 stride_y = gr.Number(d.tile_stride_y, label="Stride y (px)", precision=0, minimum=32)
+            fixed_tiles = gr.Checkbox(d.fixed_tiles, label="Tiles as set", elem_id="fixed-tiles",
+                                      info="off: at these defaults the planner sizes the tiles; on: exactly these")
     gr.Markdown("### Pre-flight plan for the active tab")
     plan = gr.Markdown(label="Pre-flight plan", elem_id="plan-panel", elem_classes=["fv-plan"])
     plan_plot = gr.BarPlot(None, **PLAN_PLOT, label="Predicted peaks per stage against the budgets",
@@ -609,7 +613,7 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     return OptimizationPanel(
         memory, cache, cache_pick, unload, unload_all, max_cache, offload, quant, vae_tiling,
         tile_x, tile_y, stride_x, stride_y, plan, leaks, plan_plot, live_plot, previews, step_cache, attention,
-        compile_box,
+        compile_box, fixed_tiles,
     )
 
 

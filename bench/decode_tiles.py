@@ -3,6 +3,7 @@ decode peak (the README table), and with --time a timed decode of the planner's 
 
     python bench/decode_tiles.py                # the table: pure arithmetic, a second
     python bench/decode_tiles.py --time         # + full-size VAEs (random weights) at 480x720 on this CPU
+    python bench/decode_tiles.py --overlaps     # + seam error against the overlap (full-size VAEs, 240x360)
     flock /tmp/fitvideo-heavy.lock python bench/decode_tiles.py --time
 
 Pixel overhead: pixels through the decoder over the frame's pixels (1.00x untiled). The seed decoded every frame
@@ -140,20 +141,58 @@ def time_family(family: str, hw: tuple[int, int], latent_frames: int) -> str:
             f"{ts / tp:.2f}, pixel-overhead ratio {ds[3] / dp[3]:.2f}; PSNR planner vs seed {_psnr(sp, ss):.1f} dB")
 
 
+OVERLAP_HW = (240, 360)  # small enough for an untiled reference per VAE in seconds, 2 x 3 tiles of 128 px
+OVERLAP_TILE = 128
+OVERLAPS = (16, 32, 64, 96)  # output pixels; the seed's are 128 across and 144 down (here: tile 128 caps them)
+
+
+def overlap_rows(family: str, latent_frames: int = 1) -> list[str]:
+    """Seam error against the overlap: the untiled decode as the reference, then OVERLAP_TILE px tiles at each
+    overlap (stride = tile - overlap) through decode.stream_decode; PSNR to the reference and time. Random
+    weights: the numbers say how far the blended tiles drift from the whole-frame decode for this architecture's
+    receptive field, not how a trained VAE's seams look."""
+    import torch
+
+    from decode import stream_decode
+
+    vae, hw, factor = _vae(family), OVERLAP_HW, 8
+    channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
+    z = torch.randn(1, channels, latent_frames, hw[0] // factor, hw[1] // factor,
+                    generator=torch.Generator().manual_seed(1))
+    settings = [("untiled", DecodeSettings(enable_vae_tiling=False))] + [
+        (f"overlap {o} px", DecodeSettings(True, OVERLAP_TILE, OVERLAP_TILE, OVERLAP_TILE - o, OVERLAP_TILE - o,
+                                           fixed_tiles=True)) for o in OVERLAPS]
+    rows, reference = [], None
+    for name, d in settings:
+        sink, start = _Frames(), time.perf_counter()
+        with torch.inference_mode():
+            stream_decode(vae, z, d, sink)
+        seconds = time.perf_counter() - start
+        reference = reference or sink
+        tiles = describe(d, hw, factor)
+        psnr = "reference" if sink is reference else f"PSNR {_psnr(sink, reference):.1f} dB"
+        rows.append(f"{family} {hw[0]}x{hw[1]} {name}: {tiles[2]} tiles, {tiles[3]:.2f}x, {seconds:.1f} s, {psnr}")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--time", action="store_true", help="also time full-size VAE decodes at 480x720 (minutes)")
     ap.add_argument("--latent-frames", type=int, default=None,
                     help="latent frames per timed decode (default 1; Wan at 2 takes ~6.5 minutes)")
+    ap.add_argument("--overlaps", action="store_true", help="also the seam error against the overlap (minutes)")
     ap.add_argument("--families", default="cogvideox,wan", help="VAEs to time, comma separated")
     args = ap.parse_args(argv)
     print(table())
-    if not args.time:
+    if not (args.time or args.overlaps):
         return
     import torch
 
     print(f"\nCPU: {cpu_model()}, torch threads {torch.get_num_threads()}")
-    for family in args.families.split(","):
+    for family in args.families.split(",") if args.overlaps else []:
+        overlap_rows(family)
+    for family in args.families.split(",") if args.time else []:
         frames = args.latent_frames or TIMED_LATENT_FRAMES[family]
         print(time_family(family, RESOLUTIONS[0], frames), flush=True)
 

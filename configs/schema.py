@@ -131,6 +131,9 @@ class DecodeSettings:
     tile_stride_x: int = 144
     tile_stride_y: int = 128
     chunk_frames: int = 0  # latent frames per causal chunk; 0 = the VAE's own chunk size
+    # At the default tiles the planner sizes them (untiled when the frame fits, else the largest that fit);
+    # True: these tiles as set, even at the defaults. Other tile values, or tiling off, are always as set.
+    fixed_tiles: bool = False
 
 
 @dataclass(frozen=True)

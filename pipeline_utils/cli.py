@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import get_args
 
 from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, DType, GenerationRequest, OffloadChoice, RequestError
-from pipeline_utils.fields import decode_overrides, request_from_fields
+from pipeline_utils.fields import TILE_FIELDS, decode_overrides, request_from_fields
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +52,14 @@ def precision_from_args(args: argparse.Namespace, default: str = "none") -> str:
 
 
 def add_decode_flags(parser: argparse.ArgumentParser) -> None:
+    """Tile flags left out: the planner sizes the tiles (untiled when the frame fits, else the largest that fit;
+    272/272/144/128 when memory demands it). Any tile flag given: the tiles as set (`tile_flags`)."""
     d = DecodeSettings()
     parser.add_argument("--no-vae-tiling", dest="vae_tiling", action="store_false", help="decode whole frames")
-    parser.add_argument("--tile-x", type=int, default=d.tile_x, help="largest tile width in output pixels (the defaults 272/272/144/128 let the planner pick: untiled or the largest tiles that fit; other values are used as set)")
-    parser.add_argument("--tile-y", type=int, default=d.tile_y, help="largest tile height in output pixels")
-    parser.add_argument("--tile-stride-x", type=int, default=d.tile_stride_x, help="largest step between tiles; tile - stride is the smallest overlap")
-    parser.add_argument("--tile-stride-y", type=int, default=d.tile_stride_y)
+    parser.add_argument("--tile-x", type=int, default=None, help=f"largest tile width in output pixels (default: the planner's; {d.tile_x} when memory demands it). Any tile flag given: the tiles as set")
+    parser.add_argument("--tile-y", type=int, default=None, help=f"largest tile height in output pixels ({d.tile_y})")
+    parser.add_argument("--tile-stride-x", type=int, default=None, help=f"largest step between tiles ({d.tile_stride_x}); tile - stride is the smallest overlap")
+    parser.add_argument("--tile-stride-y", type=int, default=None, help=f"({d.tile_stride_y})")
     parser.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="latent frames per decode chunk (0 = auto)")
 
 
@@ -155,9 +157,15 @@ def add_finishing_parsers(sub) -> None:
     add_progress_flag(i)
 
 
+def tile_flags(args: argparse.Namespace) -> dict:
+    """The flags as fields, with `fixed_tiles` set when a tile flag was given (even at the default value)."""
+    given = any(getattr(args, name, None) is not None for name in TILE_FIELDS)
+    return {**vars(args), "fixed_tiles": True if given else None}
+
+
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
     """The flags are the page's fields (with --height / --width for its resolution)."""
-    return request_from_fields(args.task, {**vars(args), "quant": args.quant or precision_from_args(args)})
+    return request_from_fields(args.task, {**tile_flags(args), "quant": args.quant or precision_from_args(args)})
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -188,7 +196,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     # Flags left out (None) keep the decode settings the run used.
     with progress_renderer(args) as progress:
-        result = redecode(args.latents, args.out, decode_overrides(vars(args)), fps=args.fps,
+        result = redecode(args.latents, args.out, decode_overrides(tile_flags(args)), fps=args.fps,
                           vae={"dtype": args.dtype, "device": args.device}, on_progress=progress)
     print(result.video_path)
     stats = result.stats

@@ -22,9 +22,11 @@ REQUEST_FIELDS = (
 # Flat field -> DecodeSettings field. `chunk_frames` is a CLI flag only; the page does not offer it.
 DECODE_FIELDS = {
     "vae_tiling": "enable_vae_tiling", "tile_x": "tile_x", "tile_y": "tile_y", "tile_stride_x": "tile_stride_x",
-    "tile_stride_y": "tile_stride_y", "chunk_frames": "chunk_frames",
+    "tile_stride_y": "tile_stride_y", "chunk_frames": "chunk_frames", "fixed_tiles": "fixed_tiles",
 }
-FIELDS = (*REQUEST_FIELDS, "offload", "quant", *(name for name in DECODE_FIELDS if name != "chunk_frames"), "step_cache", "attention", "compile")
+TILE_FIELDS = ("tile_x", "tile_y", "tile_stride_x", "tile_stride_y")
+FIELDS = (*REQUEST_FIELDS, "offload", "quant", "vae_tiling", *TILE_FIELDS, "step_cache", "attention", "compile",
+          "fixed_tiles")  # appended last, like every field after the first ones
 DEFAULTS = GenerationRequest(model="", task="t2v", prompt="")  # the request's own defaults, for absent fields
 
 
@@ -65,7 +67,7 @@ def decode_overrides(fields: Mapping[str, Any]) -> dict[str, Any]:
     for name, attr in DECODE_FIELDS.items():
         value = fields.get(name)
         if value is not None:
-            out[attr] = bool(value) if name == "vae_tiling" else whole(value)
+            out[attr] = bool(value) if name in ("vae_tiling", "fixed_tiles") else whole(value)
     return out
 
 
@@ -153,4 +155,5 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
         "upscale": req.upscale, "interpolate": req.interpolate, "loras": loras_to_field(req), "shift": req.shift,
         "step_cache": req.step_cache or "", "attention": req.attention, "compile": req.compile,  # "": the preset's
+        "fixed_tiles": d.fixed_tiles,
     }

@@ -563,16 +563,18 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
         reused = [v.get("value") if isinstance(v, dict) else v for v in fresh.predict(saved.name, api_name="/reuse")]
         task, reused = reused[0], reused[1:]
         assert task == "t2v"  # the tab the page opens (a hidden box that SELECT_TAB_JS reads)
-        t2v_fields = reused[10:20]  # after the 10 optimization settings: the T2V tab's fields, then I2V's, V2V's
-        assert t2v_fields == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
+        n = len(again.ui.optimization.fields())  # the Optimization settings come first
+        assert reused[:n] == ["auto", "none", True, 272, 272, 144, 128, "", "auto", False, False]
+        reused = reused[n:]  # then the T2V tab's fields, then I2V's, V2V's
+        assert reused[:10] == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
         # then guidance_2 (one transformer: left as it is) and the finishing steps (off)
-        assert reused[20:23] == [None, 0, 0]
+        assert reused[10:13] == [None, 0, 0]
         # then no LoRA (an empty table), the model's shift, and the LoRA picker emptied
-        table, shift, picked = reused[23:26]
+        table, shift, picked = reused[13:16]
         assert not (table or {}).get("data") if isinstance(table, dict) or table is None else table == []
         assert shift in (None, 0)
         assert picked == []
-        assert all(v is None for v in reused[26:])  # the other tabs are left as they are
+        assert all(v is None for v in reused[16:])  # the other tabs are left as they are
         # A result deleted after the gallery listed it is refused with a message, not a crash.
         saved.unlink()
         with pytest.raises(Exception, match=f"no saved result named '{saved.name}'"):

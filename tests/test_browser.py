@@ -320,3 +320,45 @@ def test_two_loras_with_strengths_generate_list_in_the_details_and_reuse_restore
     # Leave the tab without LoRAs (their folder goes with this test)
     page.locator("#t2v-lora-pick").get_by_role("button", name=re.compile("remove|clear", re.I)).last.click()
     page.wait_for_function("document.querySelectorAll('#t2v-loras .body-cell').length <= 3")
+
+
+def _img_src(page, elem_id: str) -> str:
+    return page.evaluate(f"(document.querySelector('#{elem_id} img') || {{}}).src || ''")
+
+
+def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_data(page, server, monkeypatch):
+    _, outputs, runner = server
+    # Each step slowed to 0.15 s: a tiny step takes milliseconds, and this test needs a run that is still
+    # denoising after two previews and a page reload (60 steps: about 9 s plus the machine's own time)
+    monkeypatch.setattr(runner, "fault_hook", lambda stage, index: time.sleep(0.15) if stage == "denoising" else None)
+    open_tab(page, "T2V")
+    page.locator("#t2v-prompt textarea").fill("a slow green river")
+    set_slider(page, "t2v-steps", 60)
+    page.locator("#t2v-generate").click()
+    # The preview shows while it denoises, and moves on from one step to a later one.
+    page.wait_for_function("(document.querySelector('#t2v-preview img') || {}).src", timeout=UI_TIMEOUT_MS)
+    first = _img_src(page, "t2v-preview")
+    page.wait_for_function(f"(document.querySelector('#t2v-preview img') || {{}}).src !== {first!r}",
+                           timeout=UI_TIMEOUT_MS)
+    assert _img_src(page, "t2v-preview") not in ("", first)
+    page.screenshot(path=str(ARTIFACTS / "browser_t2v_preview.png"), full_page=True)
+    # A reload mid-run: the Jobs panel shows the running job from the server (its stage), then its video.
+    page.reload()
+    page.locator("#jobs-table").wait_for()
+    wait_text(page, "jobs-table", "running")
+    assert "denoising step" in page.locator("#jobs-table").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "browser_jobs_reloaded.png"), full_page=True)
+    page.wait_for_function("!document.querySelector('#jobs-table').innerText.includes('running')")
+    page.locator("#jobs-result video").wait_for(state="attached")
+    [made] = [p for p in outputs.glob("*_t2v_*.json") if "a slow green river" in p.read_text()]
+    assert made.with_suffix(".mp4").name in page.evaluate("document.querySelector('#jobs-result video').currentSrc")
+    # The run's memory over time (gallery) and the plan per stage (Optimization) are drawn with data.
+    open_tab(page, "Gallery")
+    page.locator("#gallery .thumbnail-item").first.click()
+    wait_text(page, "gallery-details", "a slow green river")
+    page.wait_for_function("[...document.querySelectorAll('#gallery-run-chart .mark-line path')]"
+                           ".some(p => (p.getAttribute('d') || '').length > 20)", timeout=UI_TIMEOUT_MS)
+    open_tab(page, "Optimization")
+    page.wait_for_function("document.querySelectorAll('#plan-chart .mark-rect path').length >= 2",
+                           timeout=UI_TIMEOUT_MS)
+    page.screenshot(path=str(ARTIFACTS / "browser_charts.png"), full_page=True)

@@ -147,7 +147,7 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
     expected = GenerationRequest(
         model="tiny-wan", task="v2v", prompt="a cat", negative_prompt="blur", frames=17, height=64, width=48, fps=12,
         steps=3, guidance=4.5, preset="fast", seed=9, video="in.gif", strength=0.4, offload="group", quant="int8",
-        decode=DecodeSettings(enable_vae_tiling=False, tile_x=192, tile_stride_x=96, chunk_frames=1),
+        decode=DecodeSettings(enable_vae_tiling=False, tile_x=192, tile_stride_x=96, chunk_frames=1, fixed_tiles=True),
         loras=(LoraChoice("style", 0.5), LoraChoice("/loras/x.safetensors")),
     )
     req = request_from_args(args)
@@ -159,14 +159,17 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
         "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "guidance_2", "frames", "fps",
         "resolution", "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y",
         "tile_stride_x", "tile_stride_y", "upscale", "interpolate", "loras", "shift", "step_cache", "attention",
-        "compile",
+        "compile", "fixed_tiles",
     }
     assert fields["loras"] == [["style", 0.5, None], ["/loras/x.safetensors", 1.0, None]]
     assert request_from_fields("v2v", fields) == expected.replace(decode=DecodeSettings(
-        enable_vae_tiling=False, tile_x=192, tile_stride_x=96))
+        enable_vae_tiling=False, tile_x=192, tile_stride_x=96, fixed_tiles=True))
     # Left-out flags are the model's and the preset's defaults (None), as before.
     bare = request_from_args(build_parser().parse_args(["generate", "--prompt", "a cat"]))
     assert bare == GenerationRequest(model="tiny-cogvideox", task="t2v", prompt="a cat")
+    # A tile flag given, even at the default value, keeps the tiles as set (the planner sizes them otherwise).
+    same = request_from_args(build_parser().parse_args(["generate", "--prompt", "a cat", "--tile-x", "272"]))
+    assert same.decode == DecodeSettings(fixed_tiles=True) and bare.decode == DecodeSettings()
 
 
 def test_page_values_arrive_as_floats_and_pass_on_as_whole_numbers():

@@ -55,6 +55,7 @@ def test_the_schema_defaults_mean_auto_and_anything_else_is_a_persons_choice():
     assert not auto_tiles(DecodeSettings(enable_vae_tiling=False))
     assert not auto_tiles(DecodeSettings(tile_x=256))
     assert not auto_tiles(DecodeSettings(tile_stride_y=144))
+    assert not auto_tiles(DecodeSettings(fixed_tiles=True))  # the defaults, marked as the person's own
 
 
 @pytest.mark.parametrize("hw", RESOLUTIONS)
@@ -143,13 +144,17 @@ def test_below_the_seeds_tiles_the_ladder_halves_them():
 
 @pytest.mark.parametrize("decode", [
     DecodeSettings(True, 256, 256, 128, 128), DecodeSettings(True, 512, 512, 384, 384),
-    DecodeSettings(enable_vae_tiling=False),
+    DecodeSettings(enable_vae_tiling=False), DecodeSettings(fixed_tiles=True),
 ])
 def test_a_persons_own_tiles_are_honoured_when_they_fit(decode):
     p = plan_for(request(WAN_1_3B, (480, 720), decode), get_model_spec(WAN_1_3B), machine(24, 64))
     assert p.decode == decode
     line = next(r for r in p.reasons if r.startswith("decode:"))
     assert "as set" in line
+    # unmarked, the same defaults let the planner decode this frame untiled (it fits on 24 GB)
+    if decode == DecodeSettings(fixed_tiles=True):
+        auto = plan_for(request(WAN_1_3B, (480, 720)), get_model_spec(WAN_1_3B), machine(24, 64))
+        assert not auto.decode.enable_vae_tiling
 
 
 def test_a_persons_own_tiles_step_down_only_when_they_do_not_fit():

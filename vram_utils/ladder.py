@@ -221,10 +221,11 @@ SEED_DECODE = DecodeSettings()  # the seed's tiles: 272 px, stride 144 x 128 (ov
 
 def auto_tiles(d: DecodeSettings) -> bool:
     """Whether a request leaves the tiles to the planner: tiling on at exactly the schema's default tiles and
-    strides (what every form and flag sends when a person changes nothing). Anything else is a person's choice
-    and is honoured; so is tiling off. A person who types the defaults gets the planner's choice too."""
+    strides (what every form and flag sends when a person changes nothing), not marked `fixed_tiles` (the
+    page's "Tiles as set", a CLI tile flag given). Anything else is a person's choice and is honoured; so is
+    tiling off."""
     seed = SEED_DECODE
-    return d.enable_vae_tiling and (d.tile_x, d.tile_y, d.tile_stride_x, d.tile_stride_y) == (
+    return d.enable_vae_tiling and not d.fixed_tiles and (d.tile_x, d.tile_y, d.tile_stride_x, d.tile_stride_y) == (
         seed.tile_x, seed.tile_y, seed.tile_stride_x, seed.tile_stride_y)
 
 
