@@ -55,7 +55,9 @@ case "${1:-}" in
   test)
     shift
     browser
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Two workers, a test file each at a time (module-scoped servers stay in one process); tests/conftest.py gives
+    # each its own home, ports and one torch thread. FITVIDEO_TEST_WORKERS=0 runs in one process.
+    exec "$VENV/bin/python" -m pytest -n "${FITVIDEO_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   *)
     exec "$VENV/bin/python" app.py "$@"

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("FITVIDEO_HOME", str(ROOT / ".cache" / "test-home"))
+# Under pytest-xdist (`./run.sh test` runs two workers, a test file each at a time) every worker gets its own home,
+# its own range of ports for the servers it starts and one torch thread (two workers share the two cores).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER:
+    index = int(WORKER.removeprefix("gw") or 0)
+    os.environ.setdefault("GRADIO_SERVER_PORT", str(7860 + 200 * index))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("FITVIDEO_HOME", str(ROOT / ".cache" / f"test-home{'-' + WORKER if WORKER else ''}"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 if str(ROOT) not in sys.path:

@@ -112,7 +112,9 @@ def test_t2v_generate_plays_the_video_in_the_page(page, server, tmp_path):
                          if (v.paused) { try { await v.play(); } catch (e) { return false; } }
                          return v.currentTime > 0; }"""
     )
-    duration = page.evaluate("document.querySelector('#t2v-result video').duration")
+    duration = page.wait_for_function(  # NaN until the element (re-rendered after the run) has its metadata again
+        "() => { const d = document.querySelector('#t2v-result video').duration; return isFinite(d) && d > 0 && d; }"
+    ).json_value()
     assert duration == pytest.approx(9 / 8, abs=0.15)
     # The file the element plays has the right frame count.
     src = page.evaluate("document.querySelector('#t2v-result video').currentSrc")

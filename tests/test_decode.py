@@ -498,6 +498,7 @@ def test_app_decode_reruns_only_the_decode_with_new_settings(tiny_models, tmp_pa
     # The flag given wins; the rest comes from the run's own settings.
     assert sidecar["decode_settings"] == {
         "enable_vae_tiling": True, "tile_x": 64, "tile_y": 64, "tile_stride_x": 48, "tile_stride_y": 32, "chunk_frames": 1,
+        "fixed_tiles": False,  # no tile flag given: the run's (not the defaults, so its own anyway)
     }
     assert sidecar["decode"]["frames"] == 9 and sidecar["decode"]["chunks"] == 3
     assert sidecar["timings"]["decode_s"] > 0
