@@ -983,13 +983,13 @@ def listen_jobs(app: FitVideoApp) -> tuple:
     from pipeline_utils.results import gallery_items, list_results
 
     ctx, panel = app.ctx, app.jobs
-    hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
 
     def refresh(shown: dict, request: gr.Request):
         """Only what changed since this page's last tick goes out (a reloaded page starts from nothing)."""
         jobs = ctx.queue.jobs(owner=request.username if request.username else None)
         running = next((j for j in jobs if j.state == "running"), None)
-        latest = next((j.view()["video"] for j in jobs if j.state == "done" and j.view()["video"]), None)  # "" = cwd
+        # the newest finished job's video (None, never "": gradio reads "" as the working folder)
+        latest = next((video for j in jobs if j.state == "done" and (video := j.view()["video"])), None)
         live = [(f"{j.id} · {j.task.upper()} · {j.state}", j.id) for j in jobs if j.state in ("running", "waiting")]
         mine = [running.preview if running is not None and running.session == request.session_hash
                 and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
@@ -1045,8 +1045,6 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
 
 def listen_optimization(app: FitVideoApp) -> tuple:
     """The Optimization tab's events; returns its memory panels' refresh and outputs for the page timer."""
-    import gradio as gr
-
     from pipeline_utils.reports import leak_markdown, memory_markdown
 
     ctx, opt = app.ctx, app.optimization
@@ -1069,7 +1067,6 @@ def listen_page_timer(app: FitVideoApp, timer, jobs: tuple, memory: tuple) -> No
     """One tick for the whole page. Gradio's frontend walks every component with a loading status on each event,
     so each extra timer costs the browser a pass over the page: the Jobs panel and the memory panels share this
     one, and the live chart (a costly redraw) goes out every LIVE_REFRESH_S of it."""
-
     import gradio as gr
 
     from pipeline_utils.charts import LIVE
@@ -1084,7 +1081,9 @@ def listen_page_timer(app: FitVideoApp, timer, jobs: tuple, memory: tuple) -> No
         if due:
             LIVE.sample()
         panel[shown_at] = {**panel[shown_at], "live_at": time.monotonic() if due else last}
-        return *panel, *memory_panels(), LIVE.frame() if due else gr.skip()
+        # a page's first call (its load) leaves the memory panels to the load event that also serves /memory
+        memory = memory_panels() if shown else (gr.skip(),) * (len(memory_outputs) - 1)
+        return *panel, *memory, LIVE.frame() if due else gr.skip()
 
     gr.on([timer.tick, app.demo.load], tick, app.jobs.shown, [*jobs_outputs, *memory_outputs],
           queue=False, api_visibility="private", show_progress="hidden")

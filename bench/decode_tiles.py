@@ -117,6 +117,15 @@ def _vae(family: str):
     return (AutoencoderKLCogVideoX() if family == "cogvideox" else AutoencoderKLWan()).eval()
 
 
+def _latents(vae, latent_frames: int, hw: tuple[int, int], factor: int):
+    """Random latents (seed 1) for `latent_frames` frames of `hw` output pixels in this VAE's channels."""
+    import torch
+
+    channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
+    return torch.randn(1, channels, latent_frames, hw[0] // factor, hw[1] // factor,
+                       generator=torch.Generator().manual_seed(1))
+
+
 def time_family(family: str, hw: tuple[int, int], latent_frames: int) -> str:
     """Decode with the planner's tiles (the 12 GB card) and the seed's; one line with the ratios."""
     import torch
@@ -125,9 +134,7 @@ def time_family(family: str, hw: tuple[int, int], latent_frames: int) -> str:
 
     vae, model = _vae(family), TIMED_MODELS[family]
     factor = 8
-    channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
-    z = torch.randn(1, channels, latent_frames, hw[0] // factor, hw[1] // factor,
-                    generator=torch.Generator().manual_seed(1))
+    z = _latents(vae, latent_frames, hw, factor)
     planned = plan_row(model, hw, TIMED_CARD_GB).decode
     runs = {}
     for name, d in (("planner", planned), ("seed", SEED)):
@@ -156,9 +163,7 @@ def overlap_rows(family: str, latent_frames: int = 1) -> list[str]:
     from decode import stream_decode
 
     vae, hw, factor = _vae(family), OVERLAP_HW, 8
-    channels = vae.config.latent_channels if hasattr(vae.config, "latent_channels") else vae.config.z_dim
-    z = torch.randn(1, channels, latent_frames, hw[0] // factor, hw[1] // factor,
-                    generator=torch.Generator().manual_seed(1))
+    z = _latents(vae, latent_frames, hw, factor)
     settings = [("untiled", DecodeSettings(enable_vae_tiling=False))] + [
         (f"overlap {o} px", DecodeSettings(True, OVERLAP_TILE, OVERLAP_TILE, OVERLAP_TILE - o, OVERLAP_TILE - o,
                                            fixed_tiles=True)) for o in OVERLAPS]
