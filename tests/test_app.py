@@ -63,8 +63,16 @@ def tiny(**overrides) -> dict:
 
 
 def long_run(**overrides) -> dict:
-    """A run that takes seconds (100 steps on 33 frames at 64x64), long enough to stop or queue behind."""
+    """A run that takes seconds with `slow_steps` (100 steps on 33 frames at 64x64), long enough to stop or queue
+    behind."""
     return tiny(steps=100, frames=33, resolution="64x64", **overrides)
+
+
+@pytest.fixture
+def slow_steps(served, monkeypatch):
+    """Each denoising step slowed to 30 ms: a tiny step can be faster than the page's progress updates (one every
+    PROGRESS_EVERY_S), and a 100-step run could end before a client sees step 3 of it."""
+    monkeypatch.setattr(served.runner, "fault_hook", lambda stage, i: time.sleep(0.03) if stage == "denoising" else None)
 
 
 def outputs_for(folder: Path, task: str, seed: int) -> list[Path]:
@@ -390,11 +398,9 @@ def test_uploads_over_the_cap_are_refused(served, client, tmp_path):
 # --------------------------------------------------------------------------- progress, stop, queue
 
 
-def test_progress_reports_stage_names_to_api_clients(served, client, monkeypatch):
+def test_progress_reports_stage_names_to_api_clients(served, client, slow_steps):
     client.predict(api_name="/unload_all")  # a cold start shows the loading stage
-    # A run of seconds (each step slowed to 30 ms: a tiny step is faster than the page's progress updates, one
-    # every PROGRESS_EVERY_S): the client samples the latest status and sees several steps.
-    monkeypatch.setattr(served.runner, "fault_hook", lambda stage, i: time.sleep(0.03) if stage == "denoising" else None)
+    # A run of seconds (slow_steps): the client samples the latest status and sees several steps.
     job = client.submit(**tiny(steps=100, frames=17, resolution="64x64", seed=21), api_name="/t2v")
     seen: list[str] = []
     while not job.done():
@@ -411,7 +417,7 @@ def test_progress_reports_stage_names_to_api_clients(served, client, monkeypatch
     assert any("ETA" in d for d in seen), seen
 
 
-def test_stop_ends_a_running_generation_within_a_step(served, client):
+def test_stop_ends_a_running_generation_within_a_step(served, client, slow_steps):
     job = client.submit(**long_run(seed=31), api_name="/t2v")
     wait_for(job, lambda s: denoise_step(s) >= 3)
     t0 = time.monotonic()
@@ -429,7 +435,7 @@ def test_stop_ends_a_running_generation_within_a_step(served, client):
     assert read_video(video).shape[0] == 9
 
 
-def test_cancelling_a_running_job_stops_it_and_frees_the_gpu_queue(served):
+def test_cancelling_a_running_job_stops_it_and_frees_the_gpu_queue(served, slow_steps):
     first, second = connect(served), connect(served)
     job = first.submit(**long_run(seed=41), api_name="/t2v")
     wait_for(job, lambda s: denoise_step(s) >= 2)
@@ -439,7 +445,7 @@ def test_cancelling_a_running_job_stops_it_and_frees_the_gpu_queue(served):
     assert outputs_for(served.outputs, "t2v", 41) == []  # the cancelled run ended early: nothing saved
 
 
-def test_waiting_jobs_see_their_position_and_cancelling_one_removes_it(served, sample_video):
+def test_waiting_jobs_see_their_position_and_cancelling_one_removes_it(served, sample_video, slow_steps):
     from gradio_client import handle_file
     from gradio_client.utils import Status
 
