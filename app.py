@@ -1,15 +1,15 @@
 """FitVideo: `python app.py` launches the web UI; `python app.py generate ...` runs headless.
 
 Thin by design: it builds the Gradio Blocks or hands the CLI flags to
-pipeline_utils.cli. No model loads until Generate is pressed. This is the only
+ui.cli. No model loads until Generate is pressed. This is the only
 module that imports gradio (and only inside functions, so the CLI never pays for it).
 
 Layout (facefusion style): each part of the page is rendered by one `render_*`
 function that returns its components in a dataclass, and wired by one `listen_*`
 function. Option lists come from the `Literal` types in configs.schema. What is not UI lives below:
-the model list in pipeline_utils.catalog, fields <-> request in pipeline_utils.fields (the CLI shares
-both), the text shown in pipeline_utils.reports, past results in pipeline_utils.results, input files
-in pipeline_utils.media.
+the model list in reports.catalog, fields <-> request in ui.fields (the CLI shares
+both), the text shown in reports.text, past results in engine.results, input files
+in engine.media.
 
     build_app(runner)  -> FitVideoApp (the Blocks, its parts, the per-app state)
     serve(app, ...)    -> URL (launch with the queue, auth, upload cap and allowed paths)
@@ -31,9 +31,9 @@ if TYPE_CHECKING:  # gradio is imported lazily: the CLI subcommands never load i
     import gradio as gr
 
     from configs.schema import GenerationRequest, Plan
-    from pipeline_utils.catalog import ModelStatus
-    from pipeline_utils.jobs import Job, JobQueue
-    from pipeline_utils.runner import ProgressEvent, Runner
+    from reports.catalog import ModelStatus
+    from engine.jobs import Job, JobQueue
+    from engine.runner import ProgressEvent, Runner
 
 CLI_COMMANDS = ("generate", "decode", "upscale", "interpolate")
 logger = logging.getLogger("fitvideo")
@@ -85,7 +85,7 @@ CSS = """
 
 
 def build_launch_parser() -> argparse.ArgumentParser:
-    from pipeline_utils.cli import add_precision_flags
+    from ui.cli import add_precision_flags
 
     p = argparse.ArgumentParser(prog="app.py", description="FitVideo web UI (or: app.py generate --help)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
@@ -148,7 +148,7 @@ class AppContext:
     outputs_dir: Path
     default_quant: str = "none"
     models_dir: Path | None = None  # diffusers folders here are listed with the registry models
-    queue: "JobQueue | None" = None  # every generation is a job here (pipeline_utils/jobs.py); set by build_app
+    queue: "JobQueue | None" = None  # every generation is a job here (engine/jobs.py); set by build_app
     # Held by the job worker while a job runs, and by the other actions that touch the models (unload, finishing
     # from the gallery): one of them at a time, as Gradio's GPU queue did when it ran the generations itself.
     gpu_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -180,7 +180,7 @@ def check_input(task: str, payload: Any, frames: int) -> list[str]:
     there reaches the page and API clients only as gradio's hidden-error text ("...has not enabled verbose error
     reporting"). So the events that take an upload do not let gradio process their inputs (`preprocess=False`).
     """
-    from pipeline_utils.media import check_image, check_video
+    from engine.media import check_image, check_video
 
     path, name = upload_path(payload), upload_name(payload)
     if not path:
@@ -217,7 +217,7 @@ def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tupl
     file is checked when Generate runs). A random seed (-1) plans as seed 0: the seed does not change it either.
     """
     from configs.schema import resolve_request
-    from pipeline_utils.fields import request_from_fields, whole
+    from ui.fields import request_from_fields, whole
 
     seed = 0 if whole(values.get("seed")) == -1 else None
     req = request_from_fields(task, with_upload_paths(values, task), seed=seed)
@@ -267,8 +267,8 @@ class TaskTab:
     preview: "gr.Image | None" = None  # this page's running job's latest latent preview
 
     def fields(self) -> dict[str, Any]:
-        """API parameter name -> component, for the request fields this tab owns (in pipeline_utils.fields' order)."""
-        from pipeline_utils.fields import REQUEST_FIELDS
+        """API parameter name -> component, for the request fields this tab owns (in ui.fields' order)."""
+        from ui.fields import REQUEST_FIELDS
 
         return {n: getattr(self, n) for n in REQUEST_FIELDS if getattr(self, n) is not None}
 
@@ -379,7 +379,7 @@ def render_task_tab(task: str, statuses: "list[ModelStatus]") -> TaskTab:
     import gradio as gr
 
     from configs.schema import PRESETS, GenerationRequest, get_model_spec, load_presets
-    from pipeline_utils.catalog import default_model, resolutions_for
+    from reports.catalog import default_model, resolutions_for
 
     model = default_model(statuses)
     spec = get_model_spec(model)
@@ -449,7 +449,7 @@ def render_run_plot(elem_id: str) -> "gr.LinePlot":
     """A run's memory over time (its sidecar's memory_timeline), stage by stage."""
     import gradio as gr
 
-    from pipeline_utils.charts import TIMELINE_PLOT
+    from reports.charts import TIMELINE_PLOT
 
     # Created empty (None), not with an empty DataFrame: Gradio 6 then draws no line when data arrives.
     return gr.LinePlot(None, **TIMELINE_PLOT, label="Memory during the run", elem_id=elem_id, height=220)
@@ -458,7 +458,7 @@ def render_run_plot(elem_id: str) -> "gr.LinePlot":
 def run_plot_update(sidecar_data: dict | None) -> "gr.LinePlot":
     import gradio as gr
 
-    from pipeline_utils.charts import marks_caption, timeline_chart
+    from reports.charts import marks_caption, timeline_chart
 
     timeline = (sidecar_data or {}).get("memory_timeline")
     return gr.LinePlot(timeline_chart(timeline), caption=marks_caption(timeline) or None)
@@ -470,7 +470,7 @@ LORA_HEADERS = ["LoRA", "strength", "low-noise strength"]
 def lora_choices(model: str) -> list[str]:
     """The LoRA folder's files that fit `model` (by their shapes, not their names)."""
     from configs.schema import RequestError
-    from pipeline_utils.lora import list_loras
+    from engine.lora import list_loras
 
     try:
         return [f.name for f in list_loras(model)]
@@ -483,7 +483,7 @@ def render_loras(task: str, model: str) -> dict[str, Any]:
     preset button when a picked LoRA carries run settings; the scheduler shift next to them."""
     import gradio as gr
 
-    from pipeline_utils.lora import loras_dir
+    from engine.lora import loras_dir
 
     with gr.Accordion("LoRAs", open=True):
         lora_pick = gr.Dropdown(
@@ -508,8 +508,8 @@ def lora_rows(picked: list[str] | None, table: Any) -> tuple[list[list], Any]:
     import gradio as gr
 
     from configs.schema import RequestError
-    from pipeline_utils.fields import loras_from_field
-    from pipeline_utils.lora import lora_file
+    from ui.fields import loras_from_field
+    from engine.lora import lora_file
 
     old = {c.name: c for c in loras_from_field(table)}
     rows, preset = [], None
@@ -528,7 +528,7 @@ def lora_rows(picked: list[str] | None, table: Any) -> tuple[list[list], Any]:
 def use_lora_preset(picked: list[str] | None, steps, guidance, shift) -> tuple:
     """The first picked LoRA's run settings into steps, guidance and shift (what it leaves out stays)."""
     from configs.schema import RequestError
-    from pipeline_utils.lora import lora_file
+    from engine.lora import lora_file
 
     for name in picked or []:
         try:
@@ -560,8 +560,8 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
     import gradio as gr
 
     from configs.schema import QUANTS, DecodeSettings, OffloadChoice
-    from pipeline_utils.charts import LIVE_PLOT, PLAN_PLOT
-    from pipeline_utils.reports import cache_markdown, leak_markdown
+    from reports.charts import LIVE_PLOT, PLAN_PLOT
+    from reports.text import cache_markdown, leak_markdown
 
     d = DecodeSettings()
     with gr.Row(equal_height=False):
@@ -621,7 +621,7 @@ def render_speed_knobs() -> "tuple[gr.Radio, gr.Checkbox]":
     """Attention backend (only those that run on this machine) and regional compile."""
     import gradio as gr
 
-    from pipeline_utils.attention import backend_problems
+    from engine.attention import backend_problems
 
     runnable = [b for b, problem in backend_problems().items() if problem is None]
     attention = gr.Radio(runnable, value="auto", label="Attention backend", elem_id="attention",
@@ -700,8 +700,8 @@ def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tupl
     the outputs so that a result's settings can be reused after a restart.
     """
     from configs.schema import resolve_request
-    from pipeline_utils.fields import pick_seed, request_from_fields
-    from pipeline_utils.media import persist_input
+    from ui.fields import pick_seed, request_from_fields
+    from engine.media import persist_input
 
     req = resolve_request(request_from_fields(task, with_upload_paths(values, task), pick_seed(values.get("seed"))))
     notes = check_input(task, values.get("image") or values.get("video"), req.frames)
@@ -713,8 +713,8 @@ def make_generate(ctx: AppContext, task: str):
     import gradio as gr
 
     from configs.schema import RequestError
-    from pipeline_utils.jobs import QueueFull
-    from pipeline_utils.reports import result_markdown
+    from engine.jobs import QueueFull
+    from reports.text import result_markdown
 
     async def generate(request: gr.Request, progress=gr.Progress(), **values):
         # 1. The request; what the person should know about the input shows at once.
@@ -800,7 +800,7 @@ def make_stop(ctx: AppContext, task: str):
 def plan_texts(ctx: AppContext, task: str, values: dict[str, Any]) -> tuple[str, str]:
     """(one line for the tab, the full plan for the Optimization tab), or why these settings cannot run."""
     from configs.schema import RequestError
-    from pipeline_utils.reports import plan_line, plan_markdown
+    from reports.text import plan_line, plan_markdown
 
     try:
         req, plan = preview_request(ctx, task, values)
@@ -834,7 +834,7 @@ def make_plan_chart(ctx: AppContext, task: str):
     import gradio as gr
 
     from configs.schema import RequestError
-    from pipeline_utils.charts import plan_chart
+    from reports.charts import plan_chart
 
     def chart(active: str, **values):
         if active != task:
@@ -852,7 +852,7 @@ def make_plan_chart(ctx: AppContext, task: str):
 
 def latest_sidecar(ctx: AppContext, task: str, seed: Any) -> dict | None:
     """The newest result of `task` with `seed` (the one a tab just showed), as its sidecar's JSON."""
-    from pipeline_utils.results import list_results
+    from engine.results import list_results
 
     for result in list_results(ctx.outputs_dir):
         if result.data["request"].get("task") == task and result.data["request"].get("seed") == seed:
@@ -866,7 +866,7 @@ def make_check_upload(task: str):
     import gradio as gr
 
     from configs.schema import RequestError
-    from pipeline_utils.fields import whole
+    from ui.fields import whole
 
     def check_upload(payload, frames) -> None:
         frames = whole(frames)
@@ -885,7 +885,7 @@ def on_model_change(task: str):
     import gradio as gr
 
     from configs.schema import get_model_spec
-    from pipeline_utils.catalog import resolutions_for
+    from reports.catalog import resolutions_for
 
     def change(model: str, frames, resolution: str):
         spec = get_model_spec(model)
@@ -915,7 +915,7 @@ def fill_preset(name: str) -> tuple[int, float]:
 def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     import gradio as gr
 
-    from pipeline_utils.catalog import model_status
+    from reports.catalog import model_status
 
     ctx, opt = app.ctx, app.optimization
     kwargs = {**tab.fields(), **opt.fields()}
@@ -979,8 +979,8 @@ def listen_jobs(app: FitVideoApp) -> tuple:
     timer (`listen_page_timer`)."""
     import gradio as gr
 
-    from pipeline_utils.jobs import jobs_markdown
-    from pipeline_utils.results import gallery_items, list_results
+    from engine.jobs import jobs_markdown
+    from engine.results import gallery_items, list_results
 
     ctx, panel = app.ctx, app.jobs
 
@@ -1029,9 +1029,9 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
     """Cache panel, gallery and model labels (a first run may have downloaded weights) after a run."""
     import gradio as gr
 
-    from pipeline_utils.catalog import model_statuses
-    from pipeline_utils.reports import cache_markdown
-    from pipeline_utils.results import gallery_items, list_results
+    from reports.catalog import model_statuses
+    from reports.text import cache_markdown
+    from engine.results import gallery_items, list_results
 
     results = list_results(app.ctx.outputs_dir)
     return (
@@ -1045,7 +1045,7 @@ def after_run(app: FitVideoApp, task: str) -> tuple:
 
 def listen_optimization(app: FitVideoApp) -> tuple:
     """The Optimization tab's events; returns its memory panels' refresh and outputs for the page timer."""
-    from pipeline_utils.reports import leak_markdown, memory_markdown
+    from reports.text import leak_markdown, memory_markdown
 
     ctx, opt = app.ctx, app.optimization
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -1069,7 +1069,7 @@ def listen_page_timer(app: FitVideoApp, timer, jobs: tuple, memory: tuple) -> No
     one, and the live chart (a costly redraw) goes out every LIVE_REFRESH_S of it."""
     import gradio as gr
 
-    from pipeline_utils.charts import LIVE
+    from reports.charts import LIVE
 
     (jobs_refresh, jobs_outputs), (memory_panels, memory_outputs) = jobs, memory
     shown_at = jobs_outputs.index(app.jobs.shown)
@@ -1093,8 +1093,8 @@ def listen_cache(app: FitVideoApp) -> None:
     """The pipeline cache panel: what is loaded, unload one or all, MAX_CACHE_SIZE."""
     import gradio as gr
 
-    from pipeline_utils.fields import whole
-    from pipeline_utils.reports import cache_markdown, fmt_bytes
+    from ui.fields import whole
+    from reports.text import cache_markdown, fmt_bytes
 
     ctx, opt = app.ctx, app.optimization
 
@@ -1141,8 +1141,8 @@ def listen_cache(app: FitVideoApp) -> None:
 def listen_gallery(app: FitVideoApp) -> None:
     import gradio as gr
 
-    from pipeline_utils.reports import result_details
-    from pipeline_utils.results import find_result, gallery_items, list_results
+    from reports.text import result_details
+    from engine.results import find_result, gallery_items, list_results
 
     ctx, g = app.ctx, app.gallery
     hidden = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -1184,8 +1184,8 @@ def make_finish(app: FitVideoApp, step: str):
     import gradio as gr
 
     from configs.schema import RequestError
-    from pipeline_utils.finishing import FinishStep, run_step
-    from pipeline_utils.results import find_result
+    from engine.finishing import FinishStep, run_step
+    from engine.results import find_result
 
     ctx = app.ctx
 
@@ -1214,9 +1214,9 @@ def make_reuse(app: FitVideoApp):
     import gradio as gr
 
     from configs.schema import get_model_spec
-    from pipeline_utils.catalog import offered_models, resolutions_for
-    from pipeline_utils.fields import fields_from_request
-    from pipeline_utils.results import find_result
+    from reports.catalog import offered_models, resolutions_for
+    from ui.fields import fields_from_request
+    from engine.results import find_result
 
     ctx = app.ctx
 
@@ -1254,7 +1254,7 @@ def make_reuse(app: FitVideoApp):
 
 def start_queue(ctx: AppContext, queue_size: int) -> "JobQueue":
     """The job queue on `<outputs>/.queue`, read back after a restart, its worker started."""
-    from pipeline_utils.jobs import QUEUE_SUBDIR, JobQueue, is_complete, latents_saved, run_job
+    from engine.jobs import QUEUE_SUBDIR, JobQueue, is_complete, latents_saved, run_job
 
     queue = JobQueue(ctx.outputs_dir / QUEUE_SUBDIR, lambda job: run_job(ctx.runner, job, ctx.gpu_lock),
                      max_waiting=queue_size)
@@ -1276,7 +1276,7 @@ def build_app(
 
     from configs.schema import TASKS
     from decode.writer import remove_partials
-    from pipeline_utils.catalog import model_statuses
+    from reports.catalog import model_statuses
 
     ctx = AppContext(runner, Path(runner.outputs_dir), default_quant, models_dir=Path(models_dir) if models_dir else None)
     remove_partials(ctx.outputs_dir)  # a killed run never leaves a half video in the gallery
@@ -1355,14 +1355,14 @@ def launch(argv: list[str]) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported
     if args.loras_dir:
         os.environ["FITVIDEO_LORAS_DIR"] = str(Path(args.loras_dir).expanduser().resolve())
-    from pipeline_utils.cli import precision_from_args, setup_logging
+    from ui.cli import precision_from_args, setup_logging
 
     setup_logging()
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
-    from pipeline_utils.tiny import fitvideo_home
+    from engine.tiny import fitvideo_home
 
     models_dir = args.models_dir or fitvideo_home() / "models"
     app = build_app(runner, precision_from_args(args), queue_size=args.queue_size, models_dir=models_dir)
@@ -1381,7 +1381,7 @@ def launch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in CLI_COMMANDS:
-        from pipeline_utils.cli import main as cli_main
+        from ui.cli import main as cli_main
 
         return cli_main(argv)
     return launch(argv)

@@ -20,7 +20,7 @@ Checks (each row: claim | measured | target | result):
      Peak = max_memory_allocated during the decode (the VAE's weights included), as decode_memory.py measures.
      Both sides end with uint8 frames on the host (no mp4: the encoder is the same for both and runs on the CPU)
   e  plan accuracy on CUDA: bench/plan_accuracy.py's CUDA grid (CogVideoX-2b and Wan 1.3B pipelines, 8-24 GB caps)
-  f  ten runs of a tiny pipeline (tiny-wan, 33x256x256) through pipeline_utils.runner.Runner keep
+  f  ten runs of a tiny pipeline (tiny-wan, 33x256x256) through engine.runner.Runner keep
      torch.cuda.memory_allocated flat
 
 --cpu-smoke runs the same functions with tiny sizes (tiny-cogvideox / tiny-wan and their configs, no caps; the
@@ -223,7 +223,7 @@ def random_module(build: Callable, dtype, device):
 
 def random_transformer(model: str, device):
     """The transformer of `model` with random weights in the model's dtype: a full-size one from its published
-    config values, a tiny one from the tiny model's own config (as saved by pipeline_utils.tiny)."""
+    config values, a tiny one from the tiny model's own config (as saved by engine.tiny)."""
     import diffusers
     import torch
 
@@ -231,7 +231,7 @@ def random_transformer(model: str, device):
 
     spec = get_model_spec(model)
     if spec.tiny:
-        from pipeline_utils.cache import PipelineCache
+        from engine.cache import PipelineCache
 
         config = dict(PipelineCache(max_size=1).get(model, "t2v").transformer.config)
         cls = getattr(diffusers, config["_class_name"])
@@ -247,7 +247,7 @@ def random_vae(family: str, sizes: Sizes):
     import torch
 
     if not sizes.cuda:
-        from pipeline_utils.cache import PipelineCache
+        from engine.cache import PipelineCache
 
         return PipelineCache(max_size=1).get(TINY[family], "t2v").vae.eval()
     return random_module(getattr(diffusers, FULL_VAES[family]), torch.bfloat16, sizes.device)
@@ -295,7 +295,7 @@ def workload_of(request, transformer) -> Workload:
     if spec.family == "cogvideox":  # cond + uncond in one batch; the text is the transformer's own length
         return Workload(frames, height, width, 2 if request.guidance > 1 else 1,
                         int(transformer.config.max_text_seq_length))
-    from pipeline_utils.tiny import WAN_TEXT_LEN
+    from engine.tiny import WAN_TEXT_LEN
 
     return Workload(frames, height, width, 1, WAN_TEXT_LEN if spec.tiny else WAN_TEXT_TOKENS)
 
@@ -631,8 +631,8 @@ def check_runner_flat(sizes: Sizes) -> list[Row]:
     import torch
 
     import vram_utils
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     frames, height, width = sizes.runner
     after = []

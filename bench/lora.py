@@ -15,7 +15,7 @@ Per model, side by side in one run:
                  "cold": the file's pages dropped first (fsync + POSIX_FADV_DONTNEED on that file only). bf16
                  weights stay memory-mapped after `from_pretrained`, so a plain reload does not read them all; the
                  "+ touch" rows also read one element of every 4 KiB page of every weight (what the first step would)
-  LoRA cases     `pipeline_utils.lora.sync_module(PipelineClass, transformer, {adapter: (LoraFile, strength)})` on
+  LoRA cases     `engine.lora.sync_module(PipelineClass, transformer, {adapter: (LoraFile, strength)})` on
                  the already-loaded transformer: first load of A; A's strength changed; A swapped for B; all
                  unloaded; the swap again with torch on 1 thread. A and B are random rank-`--rank` peft-format LoRAs (tests/lora_files.py `make_lora`:
                  Wan's attention + ffn, CogVideoX's attention), different seeds. `lora_file(path)` (reads the file
@@ -165,7 +165,7 @@ def reload_rows(cls, folder: Path, reps: int) -> list[tuple[str, float, list[flo
 
 def lora_rows(pipe_cls, model, files: tuple, reps: int) -> list[tuple[str, float, list[float]]]:
     """sync_module times on the loaded `model`: first load of A, strength change, swap A -> B, unload all."""
-    from pipeline_utils.lora import sync_module
+    from engine.lora import sync_module
 
     a, b = files
     only_a = {a.adapter: (a, 1.0)}
@@ -198,7 +198,7 @@ def single_thread(fn):
 
 def swap_cycle(pipe_cls, model, files: tuple, n: int) -> str:
     """`n` swaps A <-> B; the RSS before and after (adapters deleted each time: nothing should pile up)."""
-    from pipeline_utils.lora import sync_module
+    from engine.lora import sync_module
 
     a, b = files
     sync_module(pipe_cls, model, {a.adapter: (a, 1.0)})
@@ -224,7 +224,7 @@ def profile_swap(pipe_cls, model, files: tuple, top: int = 14) -> str:
     import io
     import pstats
 
-    from pipeline_utils.lora import sync_module
+    from engine.lora import sync_module
 
     a, b = files
     sync_module(pipe_cls, model, {a.adapter: (a, 1.0)})
@@ -246,7 +246,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     import diffusers
     import torch
 
-    from pipeline_utils.lora import lora_file
+    from engine.lora import lora_file
     from tests.lora_files import make_lora
 
     cls_name, config, pipe_name = MODELS[name]
@@ -287,7 +287,7 @@ def _shape(name: str, config: dict, blocks: int) -> str:
 def _adapter_check(pipe_cls, model, files: tuple) -> str:
     """That the cases did what they say: after loading A then swapping to B, only B is on the model; after
     unloading, no peft layer is left."""
-    from pipeline_utils.lora import loaded_adapters, sync_module
+    from engine.lora import loaded_adapters, sync_module
 
     a, b = files
     sync_module(pipe_cls, model, {a.adapter: (a, 0.5)})
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     args.load_start = os.getloadavg()  # other jobs share the machine: the times are only as quiet as it was
-    logging.getLogger("pipeline_utils.lora").setLevel(logging.WARNING)
+    logging.getLogger("engine.lora").setLevel(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="fitvideo-lora-bench-"))
     os.environ.setdefault("FITVIDEO_HOME", str(work / "home"))
     try:

@@ -160,7 +160,7 @@ def _vae(model: str, dtype):
 
     spec = get_model_spec(model)
     if spec.tiny:
-        from pipeline_utils.loaders import load_pipeline
+        from engine.loaders import load_pipeline
 
         return load_pipeline(model, "t2v").vae.to(dtype)
     from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan
@@ -183,7 +183,7 @@ def run_case(case: dict, calibrate: bool = False) -> dict:
     import diffusers  # noqa: F401  (imports before the baseline)
     import vram_utils
     from configs.schema import get_model_spec
-    from pipeline_utils import loaders  # noqa: F401
+    from engine import loaders  # noqa: F401
     from vram_utils.probe import _read_vmhwm, _reset_vmhwm
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -225,7 +225,7 @@ def run_case(case: dict, calibrate: bool = False) -> dict:
                     out = vae.encode(x).latent_dist.mode()
                 shape = list(out.shape)
     elif case["kind"] == "pipeline":
-        from pipeline_utils.loaders import load_pipeline
+        from engine.loaders import load_pipeline
 
         pipe = load_pipeline(case["model"], "t2v")
         vram_utils.configure_vae_tiling(pipe, bool(case.get("tile")), **_tile_kwargs(case, spec.family))
@@ -388,7 +388,7 @@ def _random_pipeline(model: str):
                            CogVideoXTransformer3DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    from pipeline_utils.tiny import make_tokenizer
+    from engine.tiny import make_tokenizer
 
     dtype = torch.float16 if model.endswith("2b") else torch.bfloat16
     t5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")

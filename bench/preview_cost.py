@@ -2,7 +2,7 @@
 PreviewPolicy only thins them out further). One process, one run of each case, the same seed and latents.
 
 Cases (random weights; no weights can be fetched here):
-  tiny-wan     the tiny Wan pipeline (pipeline_utils/tiny.py), 9 frames at 64x96, 12 steps, output_type="latent",
+  tiny-wan     the tiny Wan pipeline (engine/tiny.py), 9 frames at 64x96, 12 steps, output_type="latent",
                previews from `callback_on_step_end` as the runner will make them; then once more with
                PreviewPolicy(budget=0.05) choosing the steps (tiny steps are milliseconds, so it thins them out)
   wan-1.3b-w   a full-width, reduced-depth Wan 2.1 1.3B transformer (diffusers WanTransformer3DModel with the 1.3B
@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from families import get_family  # noqa: E402
-from pipeline_utils.preview import PreviewPolicy, preview_image  # noqa: E402
+from engine.preview import PreviewPolicy, preview_image  # noqa: E402
 
 WAN = get_family("wan")
 
@@ -85,7 +85,7 @@ def alternate(run, pairs: int = 2) -> tuple[float, float, Previews]:
 
 
 def tiny_case(steps: int = 12) -> tuple[float, float, Previews, Previews]:
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline("tiny-wan", "t2v")
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_utils import stepcache as sc  # noqa: E402
+from engine import stepcache as sc  # noqa: E402
 
 
 def build(family: str, layers: int):

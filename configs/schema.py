@@ -118,7 +118,7 @@ class Preset:
     steps: int
     guidance: float
     description: str = ""
-    step_cache: str = "off"  # the step cache a request without its own choice gets (pipeline_utils/stepcache.py)
+    step_cache: str = "off"  # the step cache a request without its own choice gets (engine/stepcache.py)
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,10 @@ class GenerationRequest:
     guidance_2: float | None = None  # two-expert models: guidance of the low-noise expert (None: the same as guidance)
     upscale: int = 0  # finishing step after the decode: 0 off, 2 / 4 (postprocess/; the un-finished video is kept)
     interpolate: int = 0  # finishing step after upscale: 0 off, 2 / 4 (N frames -> (N-1) x factor + 1)
-    loras: tuple[LoraChoice, ...] = ()  # adapters on the transformer(s), each with its strength (pipeline_utils/lora.py)
+    loras: tuple[LoraChoice, ...] = ()  # adapters on the transformer(s), each with its strength (engine/lora.py)
     shift: float | None = None  # the flow-matching scheduler's shift (Wan; a distill LoRA's preset); None: the model's
     step_cache: str | None = None  # "off", "first-block[:threshold]", "taylorseer[:interval]", ...; None: the preset's
-    attention: str = "auto"  # attention backend: auto / native / flash / sage (pipeline_utils/attention.py)
+    attention: str = "auto"  # attention backend: auto / native / flash / sage (engine/attention.py)
     compile: bool = False  # regional compile of Wan's repeated blocks (CUDA only; the first run compiles)
 
     def replace(self, **changes) -> "GenerationRequest":
@@ -389,7 +389,7 @@ def check_finishing(req: GenerationRequest) -> None:
 
 
 def _check_loras(req: GenerationRequest, spec: ModelSpec) -> None:
-    """The LoRA list's shape and strengths (pipeline_utils/lora.py finds the files and checks they fit)."""
+    """The LoRA list's shape and strengths (engine/lora.py finds the files and checks they fit)."""
     if not isinstance(req.loras, tuple) or not all(isinstance(c, LoraChoice) for c in req.loras):
         raise RequestError(f"loras={req.loras!r} is not allowed; give a list of LoRAs, each a name and a strength")
     allowed = f"use a number from -{LORA_STRENGTH_MAX:g} to {LORA_STRENGTH_MAX:g} (1 = as trained, 0 = off)"

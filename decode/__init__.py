@@ -1,6 +1,6 @@
 """Streaming VAE decode straight into the video file: causal chunks in time, blended tiles in space.
 
-Public API (used by pipeline_utils.runner and pipeline_utils.redecode):
+Public API (used by engine.runner and engine.redecode):
 `to_vae_latents`, `stream_decode`, `StreamingDecode`, `DecodeStats`, `OomStep`, `DecodeCancelled`,
 `DecodeOutOfMemory`, `decode_ladder`, `to_uint8_frames`, `VideoWriter`, `partial_path`, `write_json_atomic`, `remove_partials`.
 """

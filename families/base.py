@@ -151,7 +151,7 @@ class ModelFamily:
     default_fps: int = 16
     default_frames: int = 81
     max_frames: int = 81
-    # Latent preview (pipeline_utils/preview.py): a linear latent -> RGB projection, rgb = x @ factors + bias
+    # Latent preview (engine/preview.py): a linear latent -> RGB projection, rgb = x @ factors + bias
     # with rgb in [-1, 1], one (R, G, B) row per latent channel, as published (each family names the source and
     # the latent space they were published for). `preview_latents` gives the (B, C, F, H, W) view of the callback
     # latents, `rgb_projection` the factors for the pipeline's own latent space (any VAE scaling folded in);

@@ -26,7 +26,7 @@ VAE_FULL = VaeProfile(
     decode_elems_per_px=22_787.0, decode_elems_per_px_single_chunk=17_132.0, decode_elems_per_px_one_frame=5_168.0,
     encode_elems_per_px=9_472.0,
 )
-VAE_TINY = VaeProfile(  # pipeline_utils/tiny.py's miniature (8 channels), float32
+VAE_TINY = VaeProfile(  # engine/tiny.py's miniature (8 channels), float32
     decode_elems_per_px=1_416.0, decode_elems_per_px_single_chunk=1_037.0, decode_elems_per_px_one_frame=183.0,
     encode_elems_per_px=309.0, cpu_im2col_elems_per_px=1_525.0,
 )

@@ -32,7 +32,7 @@ VAE_22 = VaeProfile(
     decode_elems_per_px_one_frame=1_737.0 * 256 / 96, encode_elems_per_px=3_689.0 * 160 / 96,
     cpu_extra_elems_per_px=120.0 * 256 / 96,
 )
-VAE_TINY = VaeProfile(  # pipeline_utils/tiny.py's miniature (3 channels), float32
+VAE_TINY = VaeProfile(  # engine/tiny.py's miniature (3 channels), float32
     decode_elems_per_px=78.0, decode_elems_per_px_single_chunk=27.0, decode_elems_per_px_one_frame=27.0,
     encode_elems_per_px=63.0, cpu_im2col_elems_per_px=321.0,
 )

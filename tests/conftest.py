@@ -47,15 +47,15 @@ def video_fps(path) -> float:
 @pytest.fixture(scope="session")
 def tiny_models():
     """Both tiny models written to disk once (save_pretrained), returned as name -> folder."""
-    from pipeline_utils.tiny import TINY_NAMES, ensure_tiny_model
+    from engine.tiny import TINY_NAMES, ensure_tiny_model
 
     return {name: ensure_tiny_model(name) for name in TINY_NAMES}
 
 
 @pytest.fixture
 def runner(tmp_path, tiny_models):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     return Runner(PipelineCache(max_size=2), outputs_dir=tmp_path / "outputs")
 

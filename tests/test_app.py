@@ -13,8 +13,8 @@ import pytest
 from conftest import read_video
 
 import app
-from pipeline_utils.catalog import default_model, model_status, model_statuses
-from pipeline_utils.reports import fmt_bytes
+from reports.catalog import default_model, model_status, model_statuses
+from reports.text import fmt_bytes
 
 SEED_MAX = 2**32 - 1
 
@@ -31,8 +31,8 @@ class Served:
 
 
 def start(outputs: Path, **build) -> Served:
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     ui = app.build_app(Runner(PipelineCache(max_size=2), outputs_dir=outputs), **build)
     return Served(ui, app.serve(ui, max_file_size="1mb"), outputs)
@@ -300,7 +300,7 @@ def test_reused_settings_are_among_the_choices_of_their_radio_and_dropdown(serve
     import gradio as gr
 
     from configs.schema import GenerationRequest
-    from pipeline_utils.fields import fields_from_request
+    from ui.fields import fields_from_request
 
     ui = served.ui
     for task, tab in ui.task_tabs.items():

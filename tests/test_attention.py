@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from configs.schema import GenerationRequest, RequestError
-from pipeline_utils import attention as A
-from pipeline_utils.tiny import COGVIDEOX_TEXT_LEN
+from engine import attention as A
+from engine.tiny import COGVIDEOX_TEXT_LEN
 
 
 def _run(pipe, cog: bool) -> torch.Tensor:
@@ -23,7 +23,7 @@ def test_native_keeps_the_output_bitwise_and_another_backend_really_goes_through
                                                                                                  monkeypatch):
     from diffusers.models import attention_dispatch
 
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe, cog = load_pipeline(model, "t2v"), model == "tiny-cogvideox"
     base = _run(pipe, cog)

@@ -34,8 +34,8 @@ UI_TIMEOUT_MS = 15_000  # a tab switch or a panel update
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_models):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     outputs = tmp_path_factory.mktemp("outputs")
     runner = Runner(PipelineCache(max_size=2), outputs_dir=outputs)
@@ -282,7 +282,7 @@ def test_two_loras_with_strengths_generate_list_in_the_details_and_reuse_restore
     import json
 
     from lora_files import make_lora
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     monkeypatch.setenv("FITVIDEO_LORAS_DIR", str(tmp_path / "loras"))  # the server reads it per request
     transformer = load_pipeline("tiny-cogvideox", "t2v").transformer

@@ -10,7 +10,7 @@ import torch
 
 import pipeline_utils
 import vram_utils
-from pipeline_utils.cache import PipelineCache
+from engine.cache import PipelineCache
 
 
 def param_ptrs(*pipes) -> set[int]:
@@ -123,7 +123,7 @@ def test_concurrent_gets_of_one_pipeline_load_it_once(tiny_models):
 
 def test_a_second_run_of_a_cached_model_is_planned_with_its_weights_already_resident(tiny_models, tmp_path):
     from configs.schema import GenerationRequest, resolve_request
-    from pipeline_utils.runner import Runner
+    from engine.runner import Runner
     from vram_utils.probe import GIB, DeviceInfo
 
     machine = DeviceInfo(False, (), 24 * GIB, 20 * GIB, 1 * GIB)  # synthetic: the same free RAM both times
@@ -167,7 +167,7 @@ def _fake_loader(model, task, shared, torch_dtype):
 
 
 def test_a_load_that_would_overflow_ram_evicts_the_least_recently_used_pipeline_it_does_not_share(monkeypatch):
-    from pipeline_utils import cache as cache_mod
+    from engine import cache as cache_mod
     from vram_utils.planner import HOST_MARGIN_BYTES
 
     monkeypatch.setattr(cache_mod, "load_shared_pipeline", _fake_loader)
@@ -200,11 +200,11 @@ def test_a_load_that_would_overflow_ram_evicts_the_least_recently_used_pipeline_
 
 
 def test_when_nothing_cached_can_go_the_load_goes_ahead_and_says_so(monkeypatch, caplog):
-    from pipeline_utils import cache as cache_mod
+    from engine import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "load_shared_pipeline", _fake_loader)
     cache = PipelineCache(max_size=4, available_bytes=lambda: 0)  # no RAM at all, nothing cached
-    with caplog.at_level("WARNING", logger="pipeline_utils.cache"):
+    with caplog.at_level("WARNING", logger="engine.cache"):
         cache.get("tiny-wan", "t2v")
     assert len(cache) == 1 and "nothing cached can go" in caplog.text
     cache.get("tiny-wan", "v2v")  # shares everything: nothing to load, nothing evicted
@@ -214,8 +214,8 @@ def test_when_nothing_cached_can_go_the_load_goes_ahead_and_says_so(monkeypatch,
 def test_an_expert_loaded_again_mid_run_makes_room_first_but_never_evicts_its_own_pipeline(monkeypatch):
     """One expert in RAM: the low-noise expert loads at the switch, mid-run. That load is checked against the RAM
     like a pipeline load: an unrelated cached pipeline goes first, the running one stays."""
-    from pipeline_utils import cache as cache_mod
-    from pipeline_utils import loaders
+    from engine import cache as cache_mod
+    from engine import loaders
     from vram_utils.planner import HOST_MARGIN_BYTES
 
     class _Pipe(_FakePipe):

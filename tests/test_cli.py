@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pipeline_utils.cli import main
+from ui.cli import main
 from tests.conftest import ROOT, read_video, video_fps
 
 
@@ -90,9 +90,9 @@ GENERATE = ["generate", "--prompt", "a cat", "--frames", "9", "--height", "32", 
 
 def test_generate_plan_prints_the_pages_plan_and_loads_nothing(tmp_path, capsys, monkeypatch, tiny_models):
     from configs.schema import GenerationRequest, resolve_request
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.reports import fmt_bytes
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from reports.text import fmt_bytes
+    from engine.runner import Runner
 
     def no_load(*args, **kwargs):
         raise AssertionError("--plan must not load a pipeline")
@@ -121,9 +121,9 @@ def test_generate_plan_refuses_bad_input_like_a_run(capsys, tiny_models):
 
 
 def test_a_run_logs_the_one_line_plan_first(tmp_path, caplog, tiny_models):
-    with caplog.at_level("INFO", logger="pipeline_utils.cli"):
+    with caplog.at_level("INFO", logger="ui.cli"):
         assert main([*GENERATE, "--seed", "5", "--out", str(tmp_path / "o.mp4")]) == 0
-    [line] = [r.getMessage() for r in caplog.records if r.name == "pipeline_utils.cli" and "Plan:" in r.getMessage()]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "ui.cli" and "Plan:" in r.getMessage()]
     assert line.startswith("**Plan:** ") and line.endswith("(app.py generate --plan shows the full plan)")
     sidecar = json.loads((tmp_path / "o.json").read_text())
     assert sidecar["plan"]["summary"] in line
@@ -134,8 +134,8 @@ def test_a_run_logs_the_one_line_plan_first(tmp_path, caplog, tiny_models):
 
 def test_generate_flags_become_the_same_request_as_the_pages_fields():
     from configs.schema import DecodeSettings, GenerationRequest, LoraChoice
-    from pipeline_utils.cli import build_parser, request_from_args
-    from pipeline_utils.fields import fields_from_request, request_from_fields
+    from ui.cli import build_parser, request_from_args
+    from ui.fields import fields_from_request, request_from_fields
 
     args = build_parser().parse_args([
         "generate", "--model", "tiny-wan", "--task", "v2v", "--prompt", "a cat", "--negative-prompt", "blur",
@@ -174,7 +174,7 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
 
 def test_page_values_arrive_as_floats_and_pass_on_as_whole_numbers():
     from configs.schema import DecodeSettings, RequestError
-    from pipeline_utils.fields import request_from_fields
+    from ui.fields import request_from_fields
 
     values = {"model": "tiny-cogvideox", "prompt": "a cat", "seed": 3.0, "preset": "balanced", "steps": 2.0,
               "guidance": 6, "frames": 9.0, "fps": 8.0, "resolution": "32x32", "offload": "auto", "quant": "none",
@@ -190,8 +190,8 @@ def test_page_values_arrive_as_floats_and_pass_on_as_whole_numbers():
 
 def test_decode_flags_left_out_keep_the_runs_settings():
     from configs.schema import DecodeSettings
-    from pipeline_utils.cli import build_parser
-    from pipeline_utils.fields import decode_from_fields, decode_overrides
+    from ui.cli import build_parser
+    from ui.fields import decode_from_fields, decode_overrides
 
     args = build_parser().parse_args(["decode", "--latents", "x.latents.pt", "--out", "y.mp4", "--tile-x", "192",
                                       "--no-vae-tiling"])

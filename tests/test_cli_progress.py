@@ -13,8 +13,8 @@ import threading
 
 import pytest
 
-from pipeline_utils.progress import ProgressRenderer, format_duration
-from pipeline_utils.runner import ProgressEvent
+from reports.progress import ProgressRenderer, format_duration
+from engine.runner import ProgressEvent
 from tests.conftest import ROOT
 
 GENERATE = ["generate", "--model", "tiny-wan", "--prompt", "a cat", "--frames", "9", "--height", "32",

@@ -1,7 +1,7 @@
 """Streaming decode: causal chunks, tiles, exact sizes, the mp4 sink, out-of-memory step-down, `app.py decode`.
 
 Reference for every comparison: diffusers' own untiled `vae.decode` (clamped to [-1, 1], as the pipelines'
-post-processing does). Tiny VAEs (the configs of pipeline_utils/tiny.py) cover most cases; the full-size
+post-processing does). Tiny VAEs (the configs of engine/tiny.py) cover most cases; the full-size
 CogVideoX-2b and Wan 2.1 VAEs, with random weights in float32, run at small latents only.
 """
 from __future__ import annotations
@@ -484,8 +484,8 @@ def _save_run(tmp_path, tiny_models, z: torch.Tensor, **request) -> "Path":
 
 
 def test_app_decode_reruns_only_the_decode_with_new_settings(tiny_models, tmp_path):
-    from pipeline_utils import cli
-    from pipeline_utils.redecode import load_vae
+    from ui import cli
+    from engine.redecode import load_vae
 
     vae = load_vae("tiny-cogvideox", "t2v", dtype="float32", device="cpu")
     z = latents(vae, 3, 4, 4)
@@ -505,7 +505,7 @@ def test_app_decode_reruns_only_the_decode_with_new_settings(tiny_models, tmp_pa
 
 
 def test_app_decode_bad_input_exits_2_naming_the_problem(tiny_models, tmp_path, capsys):
-    from pipeline_utils import cli
+    from ui import cli
 
     missing = tmp_path / "nope.latents.pt"
     assert cli.main(["decode", "--latents", str(missing), "--out", str(tmp_path / "x.mp4")]) == 2

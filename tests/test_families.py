@@ -10,7 +10,7 @@ import torch
 from configs.local import ModelUnavailableError, count_parameters, find_model_folders
 from configs.schema import RequestError, get_model_spec, load_registry
 from families import FAMILIES, family_of_pipeline, family_of_vae, get_family
-from pipeline_utils.cli import main
+from ui.cli import main
 from tests.conftest import read_video
 from vram_utils.archs import arch_for
 
@@ -29,7 +29,7 @@ def test_a_vae_finds_its_family_and_an_unknown_one_is_named(tiny_models):
     from diffusers import AutoencoderKL
 
     from decode.causal import causal_decoder
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     for model, own_chunk in (("tiny-cogvideox", 2), ("tiny-wan", 1)):
         vae = load_pipeline(model, "t2v").vae
@@ -58,7 +58,7 @@ def _full_width_cogvideox(folder, tiny_models):
     """A CogVideoX folder whose transformer has CogVideoX-2b's width (30 heads x 64, ff 7680), one block."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     base = load_pipeline("tiny-cogvideox", "t2v")
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Jobs that outlive the page and the process (pipeline_utils/jobs.py, the app's Jobs panel).
+"""Jobs that outlive the page and the process (engine/jobs.py, the app's Jobs panel).
 
 The queue on its own with a stand-in runner (order, files on disk, stop, damaged files, nothing run twice); a
 real interrupted job resumed from its latents; two logins that see only their own jobs; and the app killed
@@ -21,8 +21,8 @@ from conftest import ROOT, read_video
 
 import app
 from configs.schema import GenerationRequest
-from pipeline_utils.jobs import QUEUE_SUBDIR, Job, JobQueue, QueueFull, is_complete, latents_saved, run_job
-from pipeline_utils.results import latents_path, list_results, sidecar_path
+from engine.jobs import QUEUE_SUBDIR, Job, JobQueue, QueueFull, is_complete, latents_saved, run_job
+from engine.results import latents_path, list_results, sidecar_path
 
 
 def _request(seed: int, **kw) -> GenerationRequest:
@@ -40,7 +40,7 @@ class _Gate:
         self.ran.append(job.request.seed)
         self.open.wait(10)
         if job.stop.is_set():
-            from pipeline_utils.runner import Cancelled
+            from engine.runner import Cancelled
 
             raise Cancelled("stopped by request")
         return {"seed": job.request.seed}
@@ -96,8 +96,8 @@ def test_recovery_reruns_waiting_jobs_skips_finished_ones_and_sets_damaged_files
 
 
 def test_an_interrupted_job_with_saved_latents_resumes_with_the_decode_only(tmp_path, tiny_models):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     runner = Runner(PipelineCache(max_size=1), outputs_dir=tmp_path)
     done = runner.generate(_request(7), out_path=tmp_path / "x.mp4")
@@ -127,8 +127,8 @@ def test_an_interrupted_job_with_saved_latents_resumes_with_the_decode_only(tmp_
 
 @pytest.fixture(scope="module")
 def two_users(tmp_path_factory, tiny_models):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     outputs = tmp_path_factory.mktemp("auth-outputs")
     ui = app.build_app(Runner(PipelineCache(max_size=1), outputs_dir=outputs), queue_size=4)

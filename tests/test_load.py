@@ -22,8 +22,8 @@ JOBS, THREADS, QUEUE_SIZE, DEADLINE_S = 20, 5, 3, 600
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_models):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     outputs = tmp_path_factory.mktemp("load-outputs")
     ui = app.build_app(Runner(PipelineCache(max_size=2), outputs_dir=outputs), queue_size=QUEUE_SIZE)

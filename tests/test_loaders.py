@@ -8,7 +8,7 @@ import pytest
 
 from configs.schema import RequestError
 from pipeline_utils import ModelUnavailableError, load_pipeline, load_shared_pipeline
-from pipeline_utils.loaders import missing_files
+from engine.loaders import missing_files
 
 
 def test_load_pipeline_by_tiny_name_and_by_local_folder(tiny_models):

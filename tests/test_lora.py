@@ -12,8 +12,8 @@ import torch
 
 from configs.schema import GenerationRequest, LoraChoice, RequestError, get_model_spec, resolve_request
 from lora_files import make_lora
-from pipeline_utils import lora
-from pipeline_utils.lora import LoraError
+from engine import lora
+from engine.lora import LoraError
 
 WAN, COG, MOE = "tiny-wan", "tiny-cogvideox", "tiny-wan-moe"
 EPS = torch.finfo(torch.float32).eps
@@ -71,8 +71,8 @@ def other_wan(ffn_dim: int = 32, head_dim: int = 12, in_channels: int = 16, laye
 def env(tiny_models, tmp_path_factory):
     """One runner (a cache of the tiny pipelines), a LoRA folder with files in every format, and base outputs
     taken before any LoRA was loaded. Tests leave the cached pipelines without adapters."""
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.runner import Runner
 
     folder = tmp_path_factory.mktemp("loras")
     mp = pytest.MonkeyPatch()

@@ -205,7 +205,7 @@ def _experts_on_device(runner, onloaded: set[int]) -> set[str]:
 
 
 def test_one_expert_in_ram_frees_the_first_before_the_second_loads_and_gives_the_same_video(runner, monkeypatch):
-    import pipeline_utils.loaders as loaders
+    import engine.loaders as loaders
 
     normal = runner.generate(moe_request())
     runner.cache.unload_all()

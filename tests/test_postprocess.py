@@ -160,8 +160,8 @@ def test_offline_learned_method_names_the_fetch_command(monkeypatch):
 
 
 def test_upscaler_is_held_and_evicted_by_the_pipeline_cache(tmp_path, clip):
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.finishing import FinishStep, get_upscaler, run_step
+    from engine.cache import PipelineCache
+    from engine.finishing import FinishStep, get_upscaler, run_step
 
     cache = PipelineCache(max_size=1)
     x2 = FinishStep("upscale", 2, weights=str(write_random_esrgan(tmp_path / "x2.safetensors", 2)))
@@ -196,9 +196,9 @@ def test_the_plan_counts_the_upscaler_as_a_stage(tmp_path, monkeypatch, tiny_mod
 
     import postprocess.upscale as up
     from configs.schema import GenerationRequest, Plan, resolve_request
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.finishing import with_finishing
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from engine.finishing import with_finishing
+    from engine.runner import Runner
 
     req = resolve_request(GenerationRequest(model="tiny-cogvideox", task="t2v", prompt="a cat", frames=9, height=32,
                                             width=32, steps=2, upscale=2))

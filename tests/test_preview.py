@@ -1,4 +1,4 @@
-"""Latent preview (pipeline_utils/preview.py) and the families' preview facts."""
+"""Latent preview (engine/preview.py) and the families' preview facts."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,7 +10,7 @@ import torch
 from families import get_family
 from families.cogvideox import COGVIDEOX_RGB_BIAS, COGVIDEOX_RGB_FACTORS
 from families.wan import WAN21_RGB_BIAS, WAN21_RGB_FACTORS, WAN22_RGB_FACTORS
-from pipeline_utils.preview import PreviewPolicy, preview_frame_indices, preview_image, project_latents
+from engine.preview import PreviewPolicy, preview_frame_indices, preview_image, project_latents
 
 WAN, COG = get_family("wan"), get_family("cogvideox")
 
@@ -125,7 +125,7 @@ def test_a_failing_preview_turns_previews_off_without_raising():
 
 
 def test_tiny_wan_pipeline_callback_previews(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline("tiny-wan", "t2v")
     family, images = WAN, []

@@ -13,8 +13,8 @@ import torch
 
 import quant
 from configs.schema import GenerationRequest, RequestError
-from pipeline_utils.cache import PipelineCache
-from pipeline_utils.runner import Runner
+from engine.cache import PipelineCache
+from engine.runner import Runner
 
 MODES = ("none", "int8", "fp8-storage")
 INT8_ROW_OVERHEAD = 4 + 1  # torchao Int8Tensor per output row: float32 scale + int8 zero point
@@ -61,7 +61,7 @@ def _transformer_inputs(family: str, module: torch.nn.Module) -> dict:
 
 def _tiny_transformer(model: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
     """A private copy of the tiny t2v transformer (the cached one must stay unquantized)."""
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     return copy.deepcopy(load_pipeline(model, "t2v").transformer).to(dtype).eval()
 
@@ -269,7 +269,7 @@ def test_int8_latents_match_bf16_after_two_steps(tmp_path, tiny_models, one_thre
 
 @pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-wan"])
 def test_cli_generate_int8_end_to_end(tmp_path, tiny_models, model):
-    from pipeline_utils.cli import main
+    from ui.cli import main
 
     out = tmp_path / "int8.mp4"
     argv = ["generate", "--model", model, "--int8", "--prompt", "a boat", "--steps", "2", "--out", str(out)]

@@ -32,7 +32,7 @@ def vm(field):
             return int(line.split()[1]) * 1024
 
 import decode
-from pipeline_utils import cli
+from ui import cli
 
 start = {}
 real = decode.stream_decode

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from configs.schema import DecodeSettings, Plan
-from pipeline_utils.recovery import is_oom
+from engine.recovery import is_oom
 from vram_utils.ladder import TILE_FLOOR_PX, Ladder
 
 GPU = Ladder(cuda=True, own_chunk=2)  # CogVideoX's own decode chunk: 2 latent frames
@@ -103,7 +103,7 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs.schema import GenerationRequest  # noqa: E402
-from pipeline_utils.runner import RunFailed  # noqa: E402
+from engine.runner import RunFailed  # noqa: E402
 from tests.conftest import read_video  # noqa: E402
 
 

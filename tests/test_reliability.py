@@ -9,7 +9,7 @@ import pytest
 
 import decode
 from configs.schema import GenerationRequest, RequestError
-from pipeline_utils.runner import RunFailed
+from engine.runner import RunFailed
 from tests.conftest import read_video
 
 
@@ -115,7 +115,7 @@ GIF_COLORS = [(25 * t, 255 - 25 * t, 40) for t in range(9)]
 def test_an_animated_gif_reads_frame_by_frame(tmp_path):
     import numpy as np
 
-    from pipeline_utils.media import load_video
+    from engine.media import load_video
 
     path = _gif(tmp_path / "anim.gif", GIF_COLORS)
     frames = [np.asarray(im) for im in load_video(path, 9, 32, 32)]
@@ -134,7 +134,7 @@ def test_a_still_is_held_for_every_frame_with_a_warning(tmp_path, caplog, kind):
     import numpy as np
     from PIL import Image
 
-    from pipeline_utils.media import check_video, load_video, read_video
+    from engine.media import check_video, load_video, read_video
 
     path = tmp_path / "still.gif"
     if kind == "png":
@@ -142,7 +142,7 @@ def test_a_still_is_held_for_every_frame_with_a_warning(tmp_path, caplog, kind):
         Image.fromarray(np.full((32, 32, 3), (10, 200, 30), dtype=np.uint8)).save(path)
     else:
         _gif(path, [(10, 200, 30)])
-    with caplog.at_level("WARNING", logger="pipeline_utils.media"):
+    with caplog.at_level("WARNING", logger="engine.media"):
         frames = load_video(path, 9, 32, 32)
     assert len(frames) == 9
     assert all((np.asarray(f)[:, :16] == (10, 200, 30)).all() for f in frames)
@@ -155,7 +155,7 @@ def test_a_still_is_held_for_every_frame_with_a_warning(tmp_path, caplog, kind):
 
 
 def test_a_gif_shorter_than_asked_is_refused_and_a_broken_one_named(tmp_path):
-    from pipeline_utils.media import check_video, load_video
+    from engine.media import check_video, load_video
 
     short = _gif(tmp_path / "short.gif", GIF_COLORS[:5])
     for read in (lambda: load_video(short, 9, 32, 32), lambda: check_video(short, 9)):
@@ -198,7 +198,7 @@ def test_leftover_partial_files_are_removed(tmp_path):
 def test_cancel_during_decode_stops_saves_nothing_and_memory_returns(runner, tmp_path):
     import threading
 
-    from pipeline_utils.runner import Cancelled
+    from engine.runner import Cancelled
 
     runner.generate(_request(), out_path=tmp_path / "warm.mp4")
     stop = threading.Event()

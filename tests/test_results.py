@@ -11,7 +11,7 @@ import torch
 
 import decode
 from configs.schema import DecodeSettings, GenerationRequest, Plan, RequestError
-from pipeline_utils.results import (
+from engine.results import (
     LATENTS_FORMAT,
     SIDECAR_VERSION,
     PastResult,
@@ -168,7 +168,7 @@ def test_a_bad_latents_file_is_named_with_what_is_wrong(tmp_path, content, fragm
 
 
 def test_a_run_and_its_redecode_write_the_same_format_and_both_open_in_the_gallery(runner, tmp_path):
-    from pipeline_utils.redecode import redecode
+    from engine.redecode import redecode
 
     out = runner.outputs_dir / "run.mp4"
     result = runner.generate(REQUEST, out_path=out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configs.schema import GenerationRequest
-from pipeline_utils.runner import ProgressEvent
+from engine.runner import ProgressEvent
 from tests.conftest import read_video, video_fps
 
 
@@ -81,7 +81,7 @@ def test_cached_pipeline_is_reused_across_runs(runner, tmp_path):
 def test_stop_flag_cancels_within_a_step(runner):
     import threading
 
-    from pipeline_utils.runner import Cancelled
+    from engine.runner import Cancelled
 
     stop = threading.Event()
     steps: list[int] = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_utils import stepcache as sc
-from pipeline_utils.tiny import COGVIDEOX_TEXT_LEN
+from engine import stepcache as sc
+from engine.tiny import COGVIDEOX_TEXT_LEN
 
 STEPS = 6
 
@@ -22,7 +22,7 @@ def run(pipe, cog: bool) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["tiny-wan", "tiny-cogvideox"])
 def model(request, tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline(request.param, "t2v")
     cog = request.param == "tiny-cogvideox"
@@ -100,7 +100,7 @@ def test_first_block_counter_matches_the_hooks_own_decisions(model):
 
 def test_a_lora_and_a_cache_compose_and_removal_restores(model, tmp_path):
     from lora_files import make_lora
-    from pipeline_utils import lora
+    from engine import lora
 
     pipe, cog, base = model
     path = make_lora(pipe.transformer, tmp_path / "l.safetensors", seed=1)

@@ -1,4 +1,4 @@
-"""Memory as pictures: the run's memory timeline (vram_utils/timeline.py) and the charts (pipeline_utils/charts.py)."""
+"""Memory as pictures: the run's memory timeline (vram_utils/timeline.py) and the charts (reports/charts.py)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from configs.schema import GenerationRequest, get_model_spec
-from pipeline_utils import charts
+from reports import charts
 from tests.conftest import ROOT
 from vram_utils import plan_for
 from vram_utils.probe import GIB

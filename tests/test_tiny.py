@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from pipeline_utils.loaders import load_pipeline
-from pipeline_utils.tiny import build_tiny_pipelines
+from engine.loaders import load_pipeline
+from engine.tiny import build_tiny_pipelines
 
 
 def _state(module) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def test_i2v_folder_holds_the_same_vae_and_text_encoder_as_t2v(tiny_models):
 
 
 def test_tokenizer_is_built_without_files_and_knows_prompt_words():
-    from pipeline_utils.tiny import make_tokenizer
+    from engine.tiny import make_tokenizer
 
     tok = make_tokenizer(16)
     ids = tok("a cat walks on the beach").input_ids

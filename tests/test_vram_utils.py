@@ -200,7 +200,7 @@ def test_architecture_table_matches_the_published_configs_built_on_meta():
 
 
 def test_tiny_architectures_match_the_tiny_pipelines(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     for model in ("tiny-cogvideox", "tiny-wan"):
         pipe = load_pipeline(model, "t2v")
@@ -384,7 +384,7 @@ def _assert_same_in_float32(pipe, latents: torch.Tensor, reference: torch.Tensor
 
 @pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-wan"])
 def test_every_rung_runs_on_the_cpu_gives_the_same_latents_and_switching_removes_the_old_hooks(tiny_models, model):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline(model, "t2v")
     family = get_model_spec(model).family
@@ -399,7 +399,7 @@ def test_every_rung_runs_on_the_cpu_gives_the_same_latents_and_switching_removes
 
 
 def test_applying_the_same_plan_twice_changes_nothing(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline("tiny-wan", "t2v")
     plan = vram_utils.plan_for(request("tiny-wan", frames=9, height=32, width=32, offload="group"),
@@ -411,7 +411,7 @@ def test_applying_the_same_plan_twice_changes_nothing(tiny_models):
 
 
 def test_a_module_shared_by_two_pipelines_is_re_placed_for_whichever_runs(tiny_models):
-    from pipeline_utils.loaders import load_pipeline, load_shared_pipeline
+    from engine.loaders import load_pipeline, load_shared_pipeline
 
     t2v = load_pipeline("tiny-cogvideox", "t2v")
     ref = _latents(t2v, "cogvideox")
@@ -427,7 +427,7 @@ def test_a_module_shared_by_two_pipelines_is_re_placed_for_whichever_runs(tiny_m
 
 
 def test_apply_offload_strategy_rejects_an_unknown_rung(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     with pytest.raises(ValueError, match="strategy='fast' is not allowed"):
         vram_utils.apply_offload_strategy(load_pipeline("tiny-wan", "t2v"), "fast", "cpu")
@@ -437,7 +437,7 @@ def test_apply_offload_strategy_rejects_an_unknown_rung(tiny_models):
 
 
 def test_cogvideox_tiling_with_custom_tiles_keeps_the_output_size(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     vae = load_pipeline("tiny-cogvideox", "t2v").vae
     z = torch.randn(1, 4, 3, 8, 12)  # -> 9 x 64 x 96
@@ -457,7 +457,7 @@ def test_cogvideox_tiling_with_custom_tiles_keeps_the_output_size(tiny_models):
 
 
 def test_wan_tiling_with_small_tiles_keeps_the_output_size_and_a_plan_sets_the_tiles(tiny_models):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline("tiny-wan", "t2v")
     z = torch.randn(1, 16, 3, 8, 12)
@@ -538,7 +538,7 @@ def _disk_groups(module) -> int:
 
 @pytest.mark.parametrize("rung", ["none", "model", "group", "sequential"])
 def test_the_disk_rung_streams_the_transformer_from_files_and_gives_the_same_latents(tiny_models, offload_home, rung):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
     from vram_utils.offload import disk_folder_of
 
     pipe = load_pipeline("tiny-wan", "t2v")
@@ -557,7 +557,7 @@ def test_the_disk_rung_streams_the_transformer_from_files_and_gives_the_same_lat
 
 
 def test_the_disk_rung_is_idempotent_reuses_its_files_and_going_back_restores_the_weights(tiny_models, offload_home):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
     from vram_utils.offload import disk_folder_of
 
     pipe = load_pipeline("tiny-wan", "t2v")
@@ -583,7 +583,7 @@ def test_the_disk_rung_is_idempotent_reuses_its_files_and_going_back_restores_th
 
 
 def test_the_disk_key_changes_with_the_weights_and_an_unfinished_folder_is_redone(tiny_models, offload_home):
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
     from vram_utils.offload import disk_key, prepare_disk_folder
 
     transformer = load_pipeline("tiny-wan", "t2v").transformer
@@ -607,7 +607,7 @@ def test_the_disk_rung_refuses_when_the_disk_is_short_naming_folder_needed_and_f
     import shutil
 
     from configs.schema import RequestError
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
 
     pipe = load_pipeline("tiny-wan", "t2v")
     weights = vram_utils.module_bytes(pipe.transformer)
@@ -624,7 +624,7 @@ def test_the_disk_rung_refuses_when_the_disk_is_short_naming_folder_needed_and_f
 
 def test_the_disk_rung_streams_fp8_storage_weights_and_keys_them_apart(tiny_models, offload_home):
     import quant
-    from pipeline_utils.loaders import load_pipeline
+    from engine.loaders import load_pipeline
     from vram_utils.offload import disk_folder_of
 
     pipe = load_pipeline("tiny-wan", "t2v")

@@ -234,7 +234,7 @@ def _place_modules(modules: dict[str, torch.nn.Module], dev: torch.device, strat
 
 def offload_root() -> Path:
     """Where the disk rung keeps weight files: $FITVIDEO_HOME/offload (FITVIDEO_HOME defaults to
-    ~/.cache/fitvideo, as in pipeline_utils.tiny.fitvideo_home, which vram_utils may not import)."""
+    ~/.cache/fitvideo, as in engine.tiny.fitvideo_home, which vram_utils may not import)."""
     home = Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
     return home / "offload"
 

@@ -89,7 +89,7 @@ def gpu_margin_bytes(gpu: GpuInfo) -> int:
 
 
 def fitvideo_home() -> Path:
-    """Where FitVideo keeps its files ($FITVIDEO_HOME, as pipeline_utils/tiny.py reads it)."""
+    """Where FitVideo keeps its files ($FITVIDEO_HOME, as engine/tiny.py reads it)."""
     return Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
 
 

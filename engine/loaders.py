@@ -16,7 +16,7 @@ import torch
 
 from configs.local import ModelUnavailableError, missing_files  # noqa: F401  (re-exported)
 from configs.schema import TASKS, ModelSpec, RequestError, get_model_spec
-from pipeline_utils.tiny import TINY_NAMES, ensure_tiny_model
+from engine.tiny import TINY_NAMES, ensure_tiny_model
 
 logger = logging.getLogger(__name__)
 

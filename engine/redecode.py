@@ -1,6 +1,6 @@
 """Re-run only the decode of a saved run: `python app.py decode --latents run.latents.pt --out x.mp4 [tile flags]`.
 
-The runner saves the latents (pipeline_utils/results.py: `SavedLatents`) before it decodes. Here the VAE
+The runner saves the latents (engine/results.py: `SavedLatents`) before it decodes. Here the VAE
 alone is loaded (the pipeline folder's "vae" subfolder, with the family's Autoencoder class), the latents are
 streamed into a new video, and a sidecar in the runner's format (`Sidecar`, kind "decode") records what was
 done, so a person can try decode settings without sampling again.
@@ -18,8 +18,8 @@ import torch
 import decode
 import vram_utils
 from configs.schema import DecodeSettings, RequestError, check_decode, get_model_spec
-from pipeline_utils.recovery import decode_step_downs
-from pipeline_utils.results import LATENTS_FORMAT, SavedLatents, Sidecar, sidecar_path, versions  # noqa: F401
+from engine.recovery import decode_step_downs
+from engine.results import LATENTS_FORMAT, SavedLatents, Sidecar, sidecar_path, versions  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def load_vae(model: str, task: str, dtype: str | torch.dtype | None = None, devi
     """The VAE of (model, task) alone, on `device` (default: CUDA when present, else CPU)."""
     import diffusers
 
-    from pipeline_utils.loaders import resolve_dtype, resolve_source
+    from engine.loaders import resolve_dtype, resolve_source
 
     source = resolve_source(model, task)
     spec = get_model_spec(model)  # a registry id or a local folder: its family names the VAE class
@@ -65,7 +65,7 @@ def redecode(
     """Decode a saved latents file into `out` (mp4): the run's own decode settings, with `overrides`
     (DecodeSettings field -> value) applied. `vae`: {"dtype": ..., "device": ...} for the VAE (None: the
     run's dtype, the best device); `on_progress(ProgressEvent)`: loading, then each decode chunk."""
-    from pipeline_utils.runner import ProgressEvent
+    from engine.runner import ProgressEvent
 
     emit = on_progress or (lambda event: None)
     # 1. Read the latents and the request they came from; check the settings before anything loads.

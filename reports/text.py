@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from configs.schema import GenerationRequest, Plan
-    from pipeline_utils.results import PastResult
-    from pipeline_utils.runner import Runner, RunResult
+    from engine.results import PastResult
+    from engine.runner import Runner, RunResult
     from vram_utils import DeviceInfo
 
 UI_DETAILS = "details in the Optimization tab"  # where plan_line points the person by default

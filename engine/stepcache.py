@@ -259,7 +259,7 @@ def magcache_key(pipe) -> str:
 
 
 def magcache_path(key: str) -> Path:
-    from pipeline_utils.tiny import fitvideo_home
+    from engine.tiny import fitvideo_home
 
     return fitvideo_home() / "magcache" / f"{key}.json"
 
@@ -268,7 +268,7 @@ def load_magcache_ratios(key: str) -> list[float]:
     path = magcache_path(key)
     if not path.is_file():
         raise ValueError(f"magcache has no ratios for this model ({path} is missing); calibrate once with "
-                         "`pipeline_utils.stepcache.calibrate_magcache(pipe, steps=..., prompt=...)`")
+                         "`engine.stepcache.calibrate_magcache(pipe, steps=..., prompt=...)`")
     return [float(r) for r in json.loads(path.read_text())["ratios"]]
 
 

@@ -236,7 +236,7 @@ class JobQueue:
     def _failure(job: Job, exc: Exception) -> tuple[JobState, str]:
         """A job's end by an exception: stopped, or failed with a message written for the person."""
         from configs.schema import RequestError
-        from pipeline_utils.runner import Cancelled, RunFailed
+        from engine.runner import Cancelled, RunFailed
 
         if isinstance(exc, Cancelled):
             return "stopped", ""
@@ -284,9 +284,9 @@ def run_job(runner, job: Job, lock: threading.Lock | None = None):
 
 def _resume_decode(job: Job, on_progress):
     """The interrupted job's saved latents decoded into its video (the redecode path, with its own sidecar)."""
-    from pipeline_utils.redecode import redecode
-    from pipeline_utils.results import latents_path
-    from pipeline_utils.runner import ProgressEvent
+    from engine.redecode import redecode
+    from engine.results import latents_path
+    from engine.runner import ProgressEvent
 
     on_progress(ProgressEvent("decoding", message="decoding the saved latents (resumed after a restart)"))
     return redecode(latents_path(Path(job.out_path)), job.out_path, on_progress=on_progress)
@@ -294,7 +294,7 @@ def _resume_decode(job: Job, on_progress):
 
 def is_complete(job: Job) -> bool:
     """The job's video and its sidecar are both on disk: it finished (sidecars are written last, atomically)."""
-    from pipeline_utils.results import sidecar_path
+    from engine.results import sidecar_path
 
     out = Path(job.out_path)
     return out.is_file() and sidecar_path(out).is_file()
@@ -302,7 +302,7 @@ def is_complete(job: Job) -> bool:
 
 def latents_saved(job: Job) -> bool:
     """The job's denoise finished before the app stopped: its latents file is complete (written atomically)."""
-    from pipeline_utils.results import latents_path
+    from engine.results import latents_path
 
     return latents_path(Path(job.out_path)).is_file()
 

@@ -29,13 +29,14 @@ from configs.schema import (
     GenerationRequest, ModelSpec, Plan, RequestError, get_model_spec, resolve_request, task_experts,
 )
 from families import get_family
-from pipeline_utils import attention, stepcache
-from pipeline_utils.cache import PipelineCache
-from pipeline_utils.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
-from pipeline_utils.media import load_image, read_video
-from pipeline_utils.preview import PreviewPolicy, preview_image
-from pipeline_utils.recovery import StepDown, decode_step_downs, is_oom
-from pipeline_utils.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
+from engine import attention
+from engine import stepcache
+from engine.cache import PipelineCache
+from engine.lora import apply_loras, lora_reason, resolve_loras, scheduler_shift, with_lora_params
+from engine.media import load_image, read_video
+from engine.preview import PreviewPolicy, preview_image
+from engine.recovery import StepDown, decode_step_downs, is_oom
+from engine.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
 from vram_utils import release_memory
 from vram_utils.ladder import Ladder
 from vram_utils.sentinel import LeakReport, LeakSentinel
@@ -80,7 +81,7 @@ class RunResult:
     decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
     experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
     finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
-    loras: list[dict] = field(default_factory=list)  # the LoRAs applied (pipeline_utils/lora.py ActiveLora.record)
+    loras: list[dict] = field(default_factory=list)  # the LoRAs applied (engine/lora.py ActiveLora.record)
     memory_timeline: dict | None = None  # RSS / GPU samples with stage marks (vram_utils/timeline.py)
     step_cache: dict | None = None  # the step cache and its counts: blocks computed of those called
 
@@ -127,8 +128,8 @@ class Run:
     # The text encoder run first and freed (plan.release_text_encoder): the prompt's embeddings, kept for retries.
     embeds: dict = field(default_factory=dict)
     switch_step: int | None = None  # two-expert models: index of the first low-noise denoising step
-    loras: tuple = ()  # the request's LoRAs, found and checked (pipeline_utils/lora.py ActiveLora)
-    step_cache: tuple = ("off", None)  # (name, threshold) of the run's step cache (pipeline_utils/stepcache.py)
+    loras: tuple = ()  # the request's LoRAs, found and checked (engine/lora.py ActiveLora)
+    step_cache: tuple = ("off", None)  # (name, threshold) of the run's step cache (engine/stepcache.py)
     cache_state: Any = None  # the applied step cache's state (its counters go to the sidecar)
 
     def check_stop(self) -> None:
@@ -149,7 +150,7 @@ class Runner:
         # The ladder out-of-memory recovery walks: None = the plan's device's. Tests set "cuda" to walk the
         # GPU ladder's offload rungs on a CPU-only machine, where those rungs run (onloading to the CPU).
         self.ladder_backend: Literal["cuda", "cpu"] | None = None
-        # Latent previews while denoising (pipeline_utils/preview.py), at most 5 % of the step time; the app's
+        # Latent previews while denoising (engine/preview.py), at most 5 % of the step time; the app's
         # Optimization tab switches them; the CLI, which cannot show them, turns them off.
         self.previews = True
         self.sentinel = LeakSentinel(held_bytes=lambda device_type: self.cache.weights_on(device_type)[0])
@@ -168,8 +169,8 @@ class Runner:
     def plan(self, request: GenerationRequest, device: "vram_utils.DeviceInfo | None" = None) -> Plan:
         """The memory plan for a resolved request here, counting the weights the pipeline cache already
         holds for it on the device as available (a second run of a cached model needs no second copy), with
-        an upscale finishing step as a stage of its own (pipeline_utils/finishing.py)."""
-        from pipeline_utils.finishing import with_finishing
+        an upscale finishing step as a stage of its own (engine/finishing.py)."""
+        from engine.finishing import with_finishing
 
         active = resolve_loras(request.loras, get_model_spec(request.model), request.task)
         spec = with_lora_params(get_model_spec(request.model), active)  # adapters count with their layers
@@ -516,7 +517,7 @@ class Runner:
     def _finishing(self, run: Run, result: RunResult) -> bool:
         """The request's finishing steps on the finished video; a failed step is a warning (the video stays).
         Stop ends them within one frame. The upscaler is held in the pipeline cache like a pipeline."""
-        from pipeline_utils.finishing import run_step, steps_from_request
+        from engine.finishing import run_step, steps_from_request
 
         current = result.video_path
         for step in steps_from_request(run.request):

@@ -25,7 +25,7 @@ class ModelStatus:
 
 def model_status(model: str, task: str) -> ModelStatus:
     """Whether a model's weights are here, and if not, the download and the command that fetches it."""
-    from pipeline_utils.loaders import ModelUnavailableError, is_offline, resolve_source
+    from engine.loaders import ModelUnavailableError, is_offline, resolve_source
 
     spec = get_model_spec(model)
     if spec.tiny:

@@ -85,7 +85,7 @@ class Sidecar:
     finishing: list[dict] = field(default_factory=list)  # finishing steps (postprocess.FinishResult.to_dict())
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied: name, file, bytes, strength(s)
     memory_timeline: dict | None = None  # samples (t, rss, GPU) a few times a second, with stage marks
-    step_cache: dict | None = None  # the step cache and its counts (pipeline_utils/stepcache.py stats())
+    step_cache: dict | None = None  # the step cache and its counts (engine/stepcache.py stats())
 
     @property
     def predicted(self) -> dict[str, int]:

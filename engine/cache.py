@@ -22,9 +22,8 @@ from typing import Callable
 
 import torch
 
-import pipeline_utils
 from configs.schema import get_model_spec, load_registry
-from pipeline_utils.loaders import load_shared_pipeline, resolve_dtype
+from engine.loaders import load_shared_pipeline, resolve_dtype
 from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
 from vram_utils.planner import HOST_MARGIN_BYTES
 
@@ -64,7 +63,11 @@ class PipelineCache:
 
     def __init__(self, max_size: int | None = None, dtype: str | None = None,
                  available_bytes: Callable[[], int] | None = None):
-        self.max_size = max(1, int(max_size if max_size is not None else pipeline_utils.MAX_CACHE_SIZE))
+        if max_size is None:  # seed 003: `pipeline_utils.MAX_CACHE_SIZE = 1` before the cache is made
+            import pipeline_utils
+
+            max_size = pipeline_utils.MAX_CACHE_SIZE
+        self.max_size = max(1, int(max_size))
         self.dtype = dtype
         # host RAM available now (psutil by default; tests inject a small machine)
         self.available_bytes = available_bytes or _host_available_bytes
@@ -216,7 +219,7 @@ class PipelineCache:
 
     def _load_component(self, entry: CacheEntry, comp: str) -> None:
         """Load one freed component again (or share it from another cached pipeline) into `entry`'s pipeline."""
-        from pipeline_utils.loaders import load_component
+        from engine.loaders import load_component
 
         model, task, quant = entry.key
         torch_dtype = resolve_dtype(self.dtype, get_model_spec(model))

@@ -100,7 +100,7 @@ class ActiveLora:
 
 
 def loras_dir() -> Path:
-    from pipeline_utils.tiny import fitvideo_home
+    from engine.tiny import fitvideo_home
 
     return Path(os.environ.get("FITVIDEO_LORAS_DIR") or fitvideo_home() / "loras")
 
@@ -124,7 +124,7 @@ def find_lora(name: str) -> Path:
 def _hub_file(text: str) -> Path:
     from huggingface_hub import hf_hub_download
 
-    from pipeline_utils.loaders import is_offline
+    from engine.loaders import is_offline
 
     owner, repo, filename = text.split("/", 2)
     try:

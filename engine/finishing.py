@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.schema import GenerationRequest
-from pipeline_utils.results import Sidecar, sidecar_path, versions
+from engine.results import Sidecar, sidecar_path, versions
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The headless CLI: `python app.py generate ...` runs the same engine as the UI.
 
-The flags are the page's fields (pipeline_utils.fields turns them into the request), and the plan is the
-page's text (pipeline_utils.reports): `generate --plan` prints it and stops before anything loads.
+The flags are the page's fields (ui.fields turns them into the request), and the plan is the
+page's text (reports.text): `generate --plan` prints it and stops before anything loads.
 Exit codes: 0 success, 2 bad input (one line naming the value), 1 anything else.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import get_args
 
 from configs.schema import PRESETS, QUANTS, TASKS, DecodeSettings, DType, GenerationRequest, OffloadChoice, RequestError
-from pipeline_utils.fields import TILE_FIELDS, decode_overrides, request_from_fields
+from ui.fields import TILE_FIELDS, decode_overrides, request_from_fields
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def add_progress_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def progress_renderer(args: argparse.Namespace):
-    """The progress display of a command (pipeline_utils.progress), on stderr beside the log."""
-    from pipeline_utils.progress import ProgressRenderer
+    """The progress display of a command (reports.progress), on stderr beside the log."""
+    from reports.progress import ProgressRenderer
 
     return ProgressRenderer(sys.stderr, getattr(args, "progress", "auto"))
 
@@ -170,9 +170,9 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
 
 def run_generate(args: argparse.Namespace) -> int:
     from configs.schema import resolve_request
-    from pipeline_utils.cache import PipelineCache
-    from pipeline_utils.reports import plan_line, plan_markdown
-    from pipeline_utils.runner import Runner
+    from engine.cache import PipelineCache
+    from reports.text import plan_line, plan_markdown
+    from engine.runner import Runner
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
     runner.previews = False  # a terminal cannot show them
@@ -192,7 +192,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
-    from pipeline_utils.redecode import redecode
+    from engine.redecode import redecode
 
     # Flags left out (None) keep the decode settings the run used.
     with progress_renderer(args) as progress:
@@ -210,7 +210,7 @@ def run_decode(args: argparse.Namespace) -> int:
 def run_finishing(args: argparse.Namespace) -> int:
     """`upscale` / `interpolate`: one finishing step; prints the output path, logs which method it used."""
 
-    from pipeline_utils.finishing import FinishStep, check_steps, run_step
+    from engine.finishing import FinishStep, check_steps, run_step
 
     step = (FinishStep("upscale", args.scale, args.method, args.weights) if args.command == "upscale"
             else FinishStep("interpolate", args.factor, args.method))
