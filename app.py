@@ -216,13 +216,12 @@ def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tupl
     The input image/video does not change the plan, so the preview plans before one is uploaded (the
     file is checked when Generate runs). A random seed (-1) plans as seed 0: the seed does not change it either.
     """
-    from configs.schema import resolve_request
+    from engine.resolve import resolve
     from ui.fields import request_from_fields, whole
 
     seed = 0 if whole(values.get("seed")) == -1 else None
-    req = request_from_fields(task, with_upload_paths(values, task), seed=seed)
-    req = resolve_request(req, check_files=False)
-    return req, ctx.runner.plan(req)
+    run = resolve(request_from_fields(task, with_upload_paths(values, task), seed=seed), check_files=False)
+    return run.request, ctx.runner.plan(run)
 
 
 def cache_choices(runner: "Runner") -> list[tuple[str, str]]:
@@ -693,66 +692,102 @@ def _progress_to_gradio(progress, event: "ProgressEvent") -> None:
         progress(STAGE_FRACTION.get(event.stage, 0.0), desc=desc)
 
 
-def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]) -> "tuple[GenerationRequest, list[str]]":
-    """The request a Generate press asks for, checked, and what the person should be told before it runs.
+def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]):
+    """The run a Generate press (or an API call) asks for, resolved once (engine/resolve.py): every refusal here,
+    before a job is queued. -1 becomes a real seed; an upload is read under the name the person knows it by, then
+    kept next to the outputs so that a result's settings can be reused after a restart."""
+    import dataclasses
 
-    -1 becomes a real seed. The input is read here under its upload name (check_input), then kept next to
-    the outputs so that a result's settings can be reused after a restart.
-    """
-    from configs.schema import resolve_request
-    from ui.fields import pick_seed, request_from_fields
     from engine.media import persist_input
+    from engine.resolve import resolve
+    from ui.fields import pick_seed, request_from_fields
 
-    req = resolve_request(request_from_fields(task, with_upload_paths(values, task), pick_seed(values.get("seed"))))
-    notes = check_input(task, values.get("image") or values.get("video"), req.frames)
-    kept = {name: persist_input(getattr(req, name), ctx.outputs_dir) for name in UPLOADS}
-    return req.replace(**{name: path for name, path in kept.items() if path}), notes
+    names = {n: upload_name(values[n]) for n in UPLOADS if values.get(n)}
+    req = request_from_fields(task, with_upload_paths(values, task), pick_seed(values.get("seed")))
+    run = resolve(req, input_names=names)
+    kept = {name: persist_input(getattr(run.request, name), ctx.outputs_dir) for name in UPLOADS}
+    return dataclasses.replace(run, request=run.request.replace(**{n: p for n, p in kept.items() if p}))
 
 
-def make_generate(ctx: AppContext, task: str):
+async def submit_and_wait(ctx: AppContext, task: str, values: dict[str, Any], request, progress) -> tuple:
+    """Generate, for the page and the API alike: resolve, queue a job (on disk before it runs), wait for it with
+    its progress, and return (video path or None, seed, what happened in markdown, job id)."""
     import gradio as gr
 
     from configs.schema import RequestError
     from engine.jobs import QueueFull
     from reports.text import result_markdown
 
+    # 1. The request, resolved; what the person should know about it shows at once.
+    try:
+        run = prepare_request(ctx, task, values)
+    except (RequestError, OSError) as exc:
+        raise gr.Error(str(exc)) from None
+    for note in run.notes:
+        gr.Warning(note)
+    # 2. A job in the server's queue: this page only waits for it and shows its progress; a closed or refreshed page
+    # loses nothing (the Jobs panel shows it, and its result).
+    try:
+        job = ctx.queue.submit(run, ctx.runner.default_output(run), owner=getattr(request, "username", None) or "",
+                               session=getattr(request, "session_hash", None) or "")
+    except QueueFull as exc:
+        raise gr.Error(str(exc)) from None
+    try:
+        await wait_for_job(ctx.queue, job, progress)
+    except asyncio.CancelledError:
+        # Gradio cancelled the event (the Stop button's `cancels`, or an API client's job.cancel()): stop
+        # the job, and hold this slot until a running one has really ended and released its memory.
+        ctx.queue.stop(job.id)
+        await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
+        raise
+    if job.state == "stopped":
+        return None, run.request.seed, stopped_text(job), job.id
+    if job.state == "failed":
+        raise gr.Error(f"job {job.id}: {job.error}")
+    result = job.result
+    finished = "".join(f"\n\n{f['step']} x{f['factor']} with {f['method']}: {f['frames_out']} frames, "
+                       f"{f['size_out'][0]}x{f['size_out'][1]} at {f['fps_out']:g} fps -> **{Path(f['video']).name}**"
+                       for f in result.finishing)
+    markdown = result_markdown(result, ctx.outputs_dir, run.notes) + finished + f"\n\njob `{job.id}`"
+    return str(result.final_path), result.request.seed, markdown, job.id
+
+
+def make_generate(ctx: AppContext, task: str):
+    """The tab's Generate button (a page event; programs use the typed `/t2v`... endpoints of ui/api.py)."""
+    import gradio as gr
+
     async def generate(request: gr.Request, progress=gr.Progress(), **values):
-        # 1. The request; what the person should know about the input shows at once.
-        try:
-            req, notes = prepare_request(ctx, task, values)
-        except (RequestError, OSError) as exc:
-            raise gr.Error(str(exc)) from None
-        for note in notes:
-            gr.Warning(note)
-        # 2. A job in the server's queue (on disk before it runs): this page only waits for it and shows its
-        # progress; a closed or refreshed page loses nothing (the Jobs panel shows it, and its result).
-        try:
-            job = ctx.queue.submit(task, req, ctx.runner.default_output(req), owner=request.username or "",
-                                   session=request.session_hash or "")
-        except QueueFull as exc:
-            raise gr.Error(str(exc)) from None
-        try:
-            await wait_for_job(ctx.queue, job, progress)
-        except asyncio.CancelledError:
-            # Gradio cancelled the event (the Stop button's `cancels`, or an API client's job.cancel()): stop
-            # the job, and hold this slot until a running one has really ended and released its memory.
-            ctx.queue.stop(job.id)
-            await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
-            raise
-        if job.state == "stopped":
-            return None, req.seed, stopped_text(job)
-        if job.state == "failed":
-            raise gr.Error(job.error)
-        result = job.result
-        # the notes name the upload as the person knows it; the runner's own copy names the kept file
-        finished = "".join(f"\n\n{f['step']} x{f['factor']} with {f['method']}: {f['frames_out']} frames, "
-                           f"{f['size_out'][0]}x{f['size_out'][1]} at {f['fps_out']:g} fps -> **{Path(f['video']).name}**"
-                           for f in result.finishing)
-        markdown = result_markdown(result, ctx.outputs_dir, tuple(notes)) + finished
-        return str(result.final_path), result.request.seed, markdown
+        video, seed, markdown, _ = await submit_and_wait(ctx, task, values, request, progress)
+        return video, seed, markdown
 
     generate.__name__ = f"generate_{task}"
     return generate
+
+
+def api_endpoints(ctx: AppContext) -> list:
+    """`/t2v`, `/i2v`, `/v2v` and `/plan_t2v`... for programs, typed by the request's fields (ui/api.py)."""
+    import gradio as gr
+
+    from reports.catalog import default_model, model_statuses
+    from ui.api import Endpoint, typed, with_defaults
+
+    endpoints = []
+    for task in ("t2v", "i2v", "v2v"):
+        def filled(values: dict, task=task) -> dict:
+            return with_defaults(values, task, default_model(model_statuses(task, ctx.models_dir)), ctx.default_quant)
+
+        async def generate(values, request, task=task, filled=filled):
+            video, seed, markdown, job_id = await submit_and_wait(ctx, task, filled(values), request, gr.Progress())
+            return ({"path": video, "meta": {"_type": "gradio.FileData"}} if video else None), seed, markdown, job_id
+
+        async def plan(values, request, task=task, filled=filled):
+            return plan_texts(ctx, task, filled(values))
+
+        endpoints.append(Endpoint(task, typed(generate, task, tuple[dict | None, int, str, str], f"generate_{task}"),
+                                  f"queue a {task} job and wait: (video, seed used, what happened, job id)"))
+        endpoints.append(Endpoint(f"plan_{task}", typed(plan, task, tuple[str, str], f"plan_{task}"),
+                                  "the memory plan for these settings: (one line, the full plan)", job=False))
+    return endpoints
 
 
 async def wait_for_job(queue: "JobQueue", job: "Job", progress) -> None:
@@ -817,7 +852,7 @@ def make_preview(ctx: AppContext, task: str):
         line, full = plan_texts(ctx, task, values)
         return line, (full if active == task else gr.skip())  # the Optimization tab shows the active tab's plan
 
-    preview.__name__ = f"plan_{task}"
+    preview.__name__ = f"page_plan_{task}"
     return preview
 
 
@@ -949,7 +984,7 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
     # The plan follows every setting, before Generate is pressed.
     gr.on(
         [c.change for c in kwargs.values()] + [app.demo.load], make_preview(ctx, tab.task), inputs=[app.active_task],
-        inputs_kwargs=kwargs, outputs=[tab.plan_line, opt.plan], api_name=f"plan_{tab.task}", queue=False,
+        inputs_kwargs=kwargs, outputs=[tab.plan_line, opt.plan], api_visibility="private", queue=False,
         show_progress="hidden", trigger_mode="always_last", **raw,
     ).then(make_plan_chart(ctx, tab.task), inputs=[app.active_task], inputs_kwargs=kwargs, outputs=opt.plan_plot,
            **hidden, **raw)
@@ -961,8 +996,8 @@ def listen_task_tab(app: FitVideoApp, tab: TaskTab) -> None:
 
     run = tab.generate.click(
         make_generate(ctx, tab.task), inputs_kwargs=kwargs, outputs=[tab.result, tab.used_seed, tab.info],
-        api_name=tab.task, concurrency_id="jobs", concurrency_limit=app.queue_size + 1, show_progress_on=[tab.result],
-        **raw,
+        api_visibility="private", concurrency_id="jobs", concurrency_limit=app.queue_size + 1,
+        show_progress_on=[tab.result], **raw,
     )
     run.success(
         lambda: after_run(app, tab.task), None,
@@ -1252,6 +1287,12 @@ def make_reuse(app: FitVideoApp):
 # =========================================================================== build and serve
 
 
+def register_api(endpoints: list, queue_size: int) -> None:
+    from ui.api import register
+
+    register(endpoints, queue_size)
+
+
 def start_queue(ctx: AppContext, queue_size: int) -> "JobQueue":
     """The job queue on `<outputs>/.queue`, read back after a restart, its worker started."""
     from engine.jobs import QUEUE_SUBDIR, JobQueue, is_complete, latents_saved, run_job
@@ -1306,6 +1347,7 @@ def build_app(
             listen_task_tab(app, tab)
         listen_page_timer(app, gr.Timer(refresh_s), listen_jobs(app), listen_optimization(app))
         listen_gallery(app)
+        register_api(api_endpoints(ctx), queue_size)
     return app
 
 

@@ -8,21 +8,22 @@ it would do nothing: `DispatchCogVideoXAttnProcessor` is the same computation wi
 through the dispatcher, installed when a backend is chosen for a CogVideoX transformer.
 
 Regional compile (`compile_repeated_blocks`, opt-in, CUDA only) compiles Wan's repeated transformer block once
-and reuses it for all 30 / 40 blocks; the first run pays the compile (a stage of its own), the compiled
-transformer stays in the pipeline cache. CogVideoX declares no repeated blocks: refused with that reason.
+and reuses it for all 30 / 40 blocks; the first run pays the compile (a stage of its own). CogVideoX declares no
+repeated blocks: refused with that reason.
+
+Both are modifiers (engine/modifiers.py): applied before a run, removed after it.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "native", "flash", "sage")
-EXPERTS = ("transformer", "transformer_2")
-_APPLIED = "_fitvideo_attention_backend"
 
 
 def backend_problems() -> dict[str, str | None]:
@@ -51,30 +52,50 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def apply_attention_backend(pipe, name: str) -> str:
-    """Every transformer of `pipe` on backend `name` (resolved); idempotent. Returns the backend used."""
-    backend = resolve_backend(name)
-    for attr in EXPERTS:
-        module = getattr(pipe, attr, None)
-        if not isinstance(module, torch.nn.Module) or getattr(module, _APPLIED, "native") == backend:
-            continue
-        if backend == "native":  # the dispatcher's default: what an untouched model runs, bitwise
+@dataclass(eq=False)
+class AttentionBackend:
+    """Modifier: every loaded denoiser of a pipeline on `backend` (a resolved name, never "auto"), CogVideoX's
+    processors swapped for the dispatching one first; `remove` puts the original processors and the dispatcher's
+    default back. "native" is the dispatcher's default: what an untouched model runs, so it is never applied."""
+
+    backend: str
+    name: str = "attention"
+    _on: list[tuple[torch.nn.Module, list]] = field(default_factory=list)
+
+    def added_bytes(self) -> int:
+        return 0
+
+    def apply(self, pipe) -> None:
+        from engine.stepcache import denoisers_of
+        from families import family_of_pipeline
+
+        family = family_of_pipeline(type(pipe).__name__)
+        for attr, module in denoisers_of(pipe):
+            if any(m is module for m, _ in self._on):
+                continue
+            swapped = [] if family is None or family.attention_dispatched else _route_through_dispatcher(module)
+            module.set_attention_backend(self.backend)
+            self._on.append((module, swapped))
+            logger.info("attention backend %s on %s", self.backend, attr)
+
+    def remove(self, pipe) -> None:
+        for module, swapped in self._on:
             module.reset_attention_backend()
-        else:
-            if type(module).__name__.startswith("CogVideoX"):
-                _route_cogvideox_through_dispatcher(module)
-            module.set_attention_backend(backend)
-        setattr(module, _APPLIED, backend)
-        logger.info("attention backend %s on %s", backend, attr)
-    return backend
+            for sub, processor in swapped:
+                sub.set_processor(processor)
+        self._on = []
 
 
-def _route_cogvideox_through_dispatcher(module: torch.nn.Module) -> None:
+def _route_through_dispatcher(module: torch.nn.Module) -> list:
+    """CogVideoX's processors replaced by `DispatchCogVideoXAttnProcessor`; returns (module, original) pairs."""
     from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
+    swapped = []
     for sub in module.modules():
         if type(getattr(sub, "processor", None)) is CogVideoXAttnProcessor2_0:
+            swapped.append((sub, sub.processor))
             sub.set_processor(DispatchCogVideoXAttnProcessor())
+    return swapped
 
 
 def _dispatch_processor_base():
@@ -121,38 +142,50 @@ class DispatchCogVideoXAttnProcessor(_dispatch_processor_base()):
 # --------------------------------------------------------------------------- regional compile
 
 
-def compile_problem(pipe, device: str) -> str:
-    """Why regional compile cannot apply ('' when it can)."""
+def compile_problem(spec, device: str) -> str:
+    """Why regional compile cannot apply to the model on `device` ('' when it can): a family fact (families/)."""
     if not str(device).startswith("cuda"):
         return "regional compile is for CUDA GPUs (on the CPU the compile costs more than it saves)"
-    transformer = getattr(pipe, "transformer", None)
-    if not getattr(transformer, "_repeated_blocks", None):
-        return f"{type(transformer).__name__} declares no repeated blocks (diffusers' compile_repeated_blocks needs them)"
+    if not spec.family_module.repeated_blocks:
+        return (f"{spec.label} declares no repeated blocks (diffusers' compile_repeated_blocks needs them); "
+                f"families with them: {', '.join(f.name for f in _families() if f.repeated_blocks)}")
     return ""
 
 
-def compile_problem_for(spec, device: str) -> str:
-    """`compile_problem` before anything loads: from the model's family (CogVideoX has no repeated blocks)."""
-    if not str(device).startswith("cuda"):
-        return "regional compile is for CUDA GPUs (on the CPU the compile costs more than it saves)"
-    if spec.family != "wan":
-        return f"{spec.label} declares no repeated blocks (diffusers' compile_repeated_blocks needs them); only Wan"
-    return ""
+def _families():
+    from families import FAMILIES
+
+    return FAMILIES.values()
 
 
-def needs_compile(pipe) -> bool:
-    """Whether a transformer of `pipe` has not been compiled yet (its first run will compile)."""
-    return any(isinstance(getattr(pipe, a, None), torch.nn.Module) and not getattr(getattr(pipe, a), "_fitvideo_compiled",
-                                                                                     False) for a in EXPERTS)
+@dataclass(eq=False)
+class RegionalCompile:
+    """Modifier: each loaded denoiser's repeated block compiled (diffusers' compile_repeated_blocks: one compile
+    reused for all 30 / 40 blocks). `remove` restores the eager forward (`_compiled_call_impl = None`); compiling
+    the same blocks again later finds dynamo's cache (its entries live on the code object, guarded by the
+    modules), so only a model's first run pays the compile."""
 
+    device: str
+    name: str = "compile"
+    _on: list[torch.nn.Module] = field(default_factory=list)
 
-def compile_regions(pipe, device: str) -> None:
-    """Compile each transformer's repeated block (idempotent); RuntimeError with the reason where it cannot."""
-    problem = compile_problem(pipe, device)
-    if problem:
-        raise RuntimeError(problem)
-    for attr in EXPERTS:
-        module = getattr(pipe, attr, None)
-        if isinstance(module, torch.nn.Module) and not getattr(module, "_fitvideo_compiled", False):
+    def added_bytes(self) -> int:
+        return 0
+
+    def apply(self, pipe) -> None:
+        from engine.stepcache import denoisers_of
+
+        if not str(self.device).startswith("cuda"):
+            raise RuntimeError("regional compile is for CUDA GPUs")
+        for _, module in denoisers_of(pipe):
+            if any(m is module for m in self._on):
+                continue
             module.compile_repeated_blocks(fullgraph=True)
-            module._fitvideo_compiled = True
+            self._on.append(module)
+
+    def remove(self, pipe) -> None:
+        for module in self._on:
+            for sub in module.modules():
+                if getattr(sub, "_compiled_call_impl", None) is not None:
+                    sub._compiled_call_impl = None
+        self._on = []

@@ -24,6 +24,7 @@ import torch
 
 from configs.schema import get_model_spec, load_registry
 from engine.loaders import load_shared_pipeline, resolve_dtype
+from engine.modifiers import CleanStates
 from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
 from vram_utils.planner import HOST_MARGIN_BYTES
 
@@ -43,6 +44,7 @@ class CacheEntry:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     freed: set[str] = field(default_factory=set)  # components a run freed (or left out): the next get reloads them
+    clean: CleanStates = field(default_factory=CleanStates)  # each component as loaded (engine/modifiers.py)
 
 
 def weight_key(model: str, task: str, component: str, dtype: torch.dtype, quant: str) -> str:
@@ -182,7 +184,9 @@ class PipelineCache:
                     if module is not None and comp not in shared:
                         quant_mod.apply(module, quant)
             present = {c: wk for c, wk in wanted.items() if getattr(pipe, c, None) is not None}
-            self._entries[key] = CacheEntry(key, pipe, present, freed=set(without))
+            entry = CacheEntry(key, pipe, present, freed=set(without))
+            self._take_clean(entry, shared)
+            self._entries[key] = entry
             self._evict_over_limit()
             return pipe
 
@@ -238,6 +242,28 @@ class PipelineCache:
         entry.pipe.register_modules(**{comp: module})
         entry.weight_keys[comp] = wk
         entry.freed.discard(comp)
+        self._take_clean(entry, {c: m for c, m in entry.pipe.components.items() if c != comp})
+
+    def _take_clean(self, entry: CacheEntry, shared: dict[str, object]) -> None:
+        """Fingerprint what `entry` just loaded as its clean state; a component shared with another cached pipeline
+        takes that pipeline's (a run on the other may be under way with its modifiers on it)."""
+        loaded = [c for c in entry.weight_keys if c not in shared]
+        entry.clean.take(entry.pipe, loaded)
+        for comp, module in shared.items():
+            if module is None:
+                continue
+            other = next((e for e in self._entries.values() if getattr(e.pipe, comp, None) is module), None)
+            if other is not None and comp in other.clean.states:
+                entry.clean.states[comp] = other.clean.states[comp]
+
+    def leftovers(self) -> list[str]:
+        """What differs on any cached pipeline from its components' state when they loaded (hooks, adapters,
+        processors, compiled forwards, VAE tiling, FitVideo's marks): after a run, always [] unless a bug."""
+        with self._lock:
+            lines: list[str] = []
+            for key, entry in self._entries.items():
+                lines += [ln for ln in entry.clean.leftovers(entry.pipe, " ".join(key)) if ln not in lines]
+            return lines
 
     def _find_shared(self, wanted: dict[str, str]) -> dict[str, object]:
         shared = {}

@@ -54,6 +54,7 @@ class Job:
     resumed: str = ""  # after a restart: how it went on
     order: int = field(default_factory=lambda: next(_ORDER))
     # Kept in memory only:
+    run: Any = None  # the ResolvedRun it was queued as (after a restart: resolved again from `request`)
     last: Any = None  # the runner's last ProgressEvent
     preview: Any = None  # the latest latent preview (uint8 H x W x 3), while denoising
     preview_n: int = 0  # previews made so far (a page sends a preview again only when this moves)
@@ -79,6 +80,7 @@ class Job:
         last = self.last
         return {
             "id": self.id, "task": self.task, "model": self.request.model, "prompt": self.request.prompt,
+            "seed": self.request.seed,
             "owner": self.owner, "state": self.state, "stage": getattr(last, "stage", "") if last else "",
             "step": getattr(last, "step", 0) if last else 0, "total": getattr(last, "total", 0) if last else 0,
             "message": getattr(last, "message", "") if last else "", "eta_s": getattr(last, "eta_s", None)
@@ -102,14 +104,19 @@ class JobQueue:
         self.notes: list[str] = []  # what recover() found after a restart, in words
 
     # ---------------------------------------------------------------- queueing
-    def submit(self, task: str, request: GenerationRequest, out_path: str | Path, owner: str = "",
-               session: str = "") -> Job:
-        """Queue a checked request; on disk before this returns. QueueFull when `max_waiting` are waiting."""
+    def submit(self, run, out_path: str | Path, owner: str = "", session: str = "") -> Job:
+        """Queue a run (an engine.resolve.ResolvedRun; a GenerationRequest is resolved here: every refusal before it
+        is queued); on disk before this returns. QueueFull when `max_waiting` are waiting."""
+        from engine.resolve import resolve
+
+        run = resolve(run)
         with self._cv:
             waiting = sum(j.state == "waiting" for j in self._jobs.values())
             if waiting >= self.max_waiting:
                 raise QueueFull(f"the queue is full ({waiting} jobs waiting); try again when one has finished")
-            job = Job(uuid.uuid4().hex[:12], task, request, self._free_name(Path(out_path)), owner, session)
+            job = Job(uuid.uuid4().hex[:12], run.request.task, run.request, self._free_name(Path(out_path)), owner,
+                      session)
+            job.run = run
             self._write(job)
             self._jobs[job.id] = job
             self._cv.notify_all()
@@ -279,7 +286,7 @@ def run_job(runner, job: Job, lock: threading.Lock | None = None):
     with lock or threading.Lock():
         if job.resumed.startswith("resumed") and latents_saved(job):
             return _resume_decode(job, on_progress)
-        return runner.generate(job.request, out_path=job.out_path, on_progress=on_progress, stop=job.stop)
+        return runner.generate(job.run or job.request, out_path=job.out_path, on_progress=on_progress, stop=job.stop)
 
 
 def _resume_decode(job: Job, on_progress):

@@ -7,12 +7,10 @@ not on this machine: the same clear error). Its state dict is converted by the f
 `diffusion_model.*` files, which the lightx2v and CausVid distill LoRAs are, into diffusers keys), and the
 family, width and depth it targets are read from the converted keys and shapes, never from the file name.
 
-On a pipeline, `apply_loras` brings each transformer (both experts of a Wan 2.2 A14B, each with its own
-strength) to the requested set with diffusers' adapter API: adapters not wanted are deleted, new ones loaded
-under a name derived from the file, strengths set with `set_adapters`; the base weights are never reloaded.
-With no LoRA wanted, `unload_lora` takes peft's layers out again, so the base model's output comes back exactly.
-Offload hooks are removed before the set changes (the caller applies its plan again afterwards), so every
-offload rung places the adapter weights with the layers they belong to.
+On a pipeline, the `Loras` modifier (engine/modifiers.py) loads a run's LoRAs into each transformer (both experts
+of a Wan 2.2 A14B, each with its own strength) with diffusers' adapter API before the run, and takes them out with
+`unload_lora` after it, so the base model's output comes back exactly and the next run starts from the model as it
+was loaded. It goes on before the offload rung, so every rung places the adapter weights with their layers.
 
 Quantized bases: int8 (torchao) takes the adapters on top of its quantized layers (peft's torchao LoRA
 layer); fp8 storage keeps its base weights in fp8 and the adapter weights in the compute dtype (peft would
@@ -40,7 +38,6 @@ from configs.schema import LoraChoice, ModelSpec, RequestError, get_model_spec, 
 logger = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
-EXPERTS = ("transformer", "transformer_2")
 # diffusers keys after conversion: the family a LoRA targets, from where its blocks live
 _BLOCK_KEYS = {"wan": re.compile(r"^transformer\.blocks\.(\d+)\."),
                "cogvideox": re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")}
@@ -281,112 +278,92 @@ def lora_bytes(active: tuple[ActiveLora, ...], itemsize: int) -> int:
     return sum(a.file.signature.params for a in active) * itemsize
 
 
-def apply_loras(pipe, active: tuple[ActiveLora, ...]) -> None:
-    """Bring every transformer of `pipe` (both experts where it has two) to `active`. The caller re-applies its
-    offload plan afterwards: hooks come off first, so adapters join their layers on every rung."""
-    from vram_utils.offload import remove_all_offload
+@dataclass(eq=False)
+class Loras:
+    """Modifier: the run's LoRAs in every loaded denoiser (each expert of a Wan 2.2 A14B with its own strengths;
+    an expert whose strengths are all 0 gets none). `remove` unloads peft's layers: the base modules come back
+    bitwise, so the next run on the cached transformer starts from the model as it was loaded."""
 
-    modules = [(i, getattr(pipe, name, None)) for i, name in enumerate(EXPERTS)]
-    modules = [(i, m) for i, m in modules if isinstance(m, torch.nn.Module)]
-    wanted_by = {i: {a.file.adapter: (a, a.strengths[min(i, len(a.strengths) - 1)]) for a in active
-                     if a.strengths[min(i, len(a.strengths) - 1)] != 0} for i, _ in modules}
-    if all(_loaded(m) == set(wanted_by[i]) for i, m in modules) and all(
-            _strengths(m) == {n: s for n, (_, s) in wanted_by[i].items()} for i, m in modules):
-        return  # already so: no hook comes off, nothing moves
-    remove_all_offload(pipe)
-    for i, module in modules:
+    active: tuple[ActiveLora, ...]
+    name: str = "lora"
+    _on: list[torch.nn.Module] = field(default_factory=list)
+
+    def added_bytes(self) -> int:
+        return 0  # counted with the transformer's parameters (`with_lora_params`): they sit in its blocks
+
+    def apply(self, pipe) -> None:
+        from engine.stepcache import denoisers_of
+        from families import family_of_pipeline
+
+        family = family_of_pipeline(type(pipe).__name__)
+        order = family.denoisers if family is not None else ("transformer",)
+        for attr, module in denoisers_of(pipe):
+            if any(m is module for m in self._on):
+                continue
+            expert = order.index(attr)
+            wanted = [(a.file, s) for a in self.active if (s := a.strengths[min(expert, len(a.strengths) - 1)]) != 0]
+            if wanted:
+                self._on.append(module)
+                load_adapters(type(pipe), module, wanted)
+
+    def remove(self, pipe) -> None:
+        for module in self._on:
+            unload_adapters(module)
+        self._on = []
+
+
+def load_adapters(pipe_cls, module: torch.nn.Module, wanted: list[tuple[LoraFile, float]]) -> None:
+    """Each (file, strength) into its own peft adapter (`fv0`, `fv1`, ...) of `module`, the strengths set."""
+    names = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small copies: one thread is faster than waiting for a busy second one
+    try:
+        for i, (file, _) in enumerate(wanted):
+            names.append(f"fv{i}")
+            _load_adapter(pipe_cls, module, file, names[-1])
+    except BaseException:
+        unload_adapters(module)
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    module.set_adapters(names, [s for _, s in wanted])
+
+
+def unload_adapters(module: torch.nn.Module) -> None:
+    """peft's layers out of `module`: the base modules back, bitwise."""
+    if getattr(module, "peft_config", None):
         _own_adapter_tensors(module)
-        sync_module(type(pipe), module, {n: (a.file, s) for n, (a, s) in wanted_by[i].items()})
+        module.unload_lora()
+        logger.debug("LoRAs unloaded from %s", type(module).__name__)
 
 
 def _own_adapter_tensors(module: torch.nn.Module) -> None:
     """Adapter weights an offload hook moved during a run (under torch.inference_mode) are inference tensors;
-    peft's set_adapter / delete_adapter set requires_grad on them, which torch refuses: copy them back to
-    ordinary tensors (adapter weights only: small)."""
+    peft sets requires_grad on them when it takes them out, which torch refuses: copy them back to ordinary
+    tensors (adapter weights only: small)."""
     with torch.inference_mode(False):
         for pname, param in module.named_parameters():
             if ".lora_" in pname and param.is_inference():
                 param.data = param.data.clone()
 
 
-def _slots(module) -> dict[str, tuple[str, str]]:
-    """peft adapter slot -> (LoRA key, shape key) of what it holds now (slots peft no longer has are gone)."""
-    have = set(getattr(module, "peft_config", None) or {})
-    return {s: v for s, v in getattr(module, "_fitvideo_slots", {}).items() if s in have}
+def loaded_adapters(module: torch.nn.Module) -> list[str]:
+    """The peft adapters a transformer holds now (none between runs)."""
+    return sorted(getattr(module, "peft_config", None) or {})
 
 
-def _loaded(module) -> set[str]:
-    """The LoRAs (`LoraFile.adapter` keys) loaded in a transformer."""
-    return {key for key, _ in _slots(module).values()}
-
-
-loaded_adapters = _loaded  # public: what a transformer holds
-
-
-def _strengths(module) -> dict[str, float]:
-    return dict(getattr(module, "_fitvideo_lora_strengths", {}))
-
-
-def sync_module(pipe_cls, module: torch.nn.Module, wanted: dict[str, tuple[LoraFile, float]]) -> None:
-    """One transformer to `wanted` (LoRA key -> (file, strength)). Adapters live in peft slots (`fv0`, `fv1`,
-    …): a new LoRA with the same layers and ranks as one no longer wanted is hot-swapped into its slot (its
-    weights copied in place: no new layers), others get a new slot; slots left over are deleted; none -> unload."""
-    slots = _slots(module)
-    if not wanted:
-        if getattr(module, "peft_config", None):
-            module.unload_lora()  # peft's layers out: the base modules back, bitwise
-            logger.info("LoRAs unloaded from %s", type(module).__name__)
-        module._fitvideo_slots, module._fitvideo_lora_strengths = {}, {}
-        return
-    keep = {s: v for s, v in slots.items() if v[0] in wanted}
-    free = [s for s in slots if s not in keep]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small copies: one thread is faster than waiting for a busy second one
-    try:
-        for key in [k for k in wanted if k not in {v[0] for v in keep.values()}]:
-            slot, shape = _load_adapter(pipe_cls, module, wanted[key][0], {s: slots[s][1] for s in free})
-            if slot in free:
-                free.remove(slot)
-            keep[slot] = (key, shape)
-            module._fitvideo_slots = {**_slots(module), **keep}
-    finally:
-        torch.set_num_threads(threads)
-    if free:
-        module.delete_adapters(free)
-    module._fitvideo_slots = keep
-    module.set_adapters(list(keep), [wanted[keep[s][0]][1] for s in keep])
-    module._fitvideo_lora_strengths = {key: wanted[key][1] for key, _ in keep.values()}
-
-
-def _shape_key(sd: dict[str, torch.Tensor]) -> str:
-    """The layers and ranks a converted LoRA adapts (what decides whether it can be hot-swapped in)."""
-    return hashlib.sha1(repr(sorted((k, tuple(v.shape)) for k, v in sd.items())).encode()).hexdigest()[:16]
-
-
-def _load_adapter(pipe_cls, module: torch.nn.Module, file: LoraFile, free: dict[str, str]) -> tuple[str, str]:
-    """Load `file` into a free slot of the same shape (hot swap) or a new one; returns (slot, shape key)."""
+def _load_adapter(pipe_cls, module: torch.nn.Module, file: LoraFile, slot: str) -> None:
+    """Load `file` into adapter `slot` of `module`, converted by the family's own diffusers loader."""
     sd = converted_state_dict(file.path, file.signature.family)
     if hasattr(pipe_cls, "_maybe_expand_t2v_lora_for_i2v"):
         sd = pipe_cls._maybe_expand_t2v_lora_for_i2v(transformer=module, state_dict=sd)  # a T2V LoRA on I2V
-    shape = _shape_key(sd)
-    slot = next((s for s, sh in free.items() if sh == shape), None)
-    hotswap = slot is not None
-    if slot is None:
-        taken = set(getattr(module, "peft_config", None) or {})
-        slot = next(f"fv{i}" for i in range(len(taken) + 1) if f"fv{i}" not in taken)
     try:
-        pipe_cls.load_lora_into_transformer(sd, transformer=module, adapter_name=slot, hotswap=hotswap,
-                                            low_cpu_mem_usage=not hotswap)
+        pipe_cls.load_lora_into_transformer(sd, transformer=module, adapter_name=slot, low_cpu_mem_usage=True)
     except Exception as e:  # noqa: BLE001  (shapes that do not match, a format peft refuses)
-        if not hotswap and slot in (getattr(module, "peft_config", None) or {}):
-            module.delete_adapters([slot])
-        if not getattr(module, "peft_config", None):
-            module.unload_lora()
         raise LoraError(f"LoRA {file.name!r} could not be loaded into {type(module).__name__}: {e}") from None
     _keep_adapters_in_compute_dtype(module, slot)
-    logger.info("LoRA %s %s (%s parameters, rank %d)", file.name, "hot-swapped in" if hotswap else "loaded",
-                f"{file.signature.params:,}", file.signature.rank)
-    return slot, shape
+    logger.info("LoRA %s loaded (%s parameters, rank %d)", file.name, f"{file.signature.params:,}",
+                file.signature.rank)
 
 
 def _keep_adapters_in_compute_dtype(module: torch.nn.Module, name: str) -> None:
@@ -407,7 +384,7 @@ def with_lora_params(spec: ModelSpec, active: tuple[ActiveLora, ...]) -> ModelSp
     import dataclasses
 
     params = dict(spec.params)
-    for i, name in enumerate(EXPERTS):
+    for i, name in enumerate(spec.family_module.denoisers):
         if name in params:
             params[name] += sum(a.file.signature.params for a in active
                                 if a.strengths[min(i, len(a.strengths) - 1)] != 0)
@@ -437,5 +414,5 @@ def lora_reason(active: tuple[ActiveLora, ...], spec: ModelSpec) -> str:
     names = ", ".join(f"{a.file.name} x{'/'.join(f'{s:g}' for s in a.strengths)}" for a in active)
     n = lora_bytes(active, itemsize)
     size = f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-    return (f"LoRAs: {names} (+{size} of adapter weights, counted with "
-            "the transformer on every rung; swapped on the cached model, never reloaded)")
+    return (f"LoRAs: {names} (+{size} of adapter weights, counted with the transformer on every rung; loaded "
+            "into the cached model for this run and taken out after it)")

@@ -1,14 +1,12 @@
 """Step caches: diffusers' cache hooks (First Block Cache, TaylorSeer, MagCache, PAB, FasterCache) on every
-transformer of a pipeline, with counters of the block computations they skip.
+denoiser of a pipeline, with counters of the block computations they skip. A run's step cache is a modifier
+(engine/modifiers.py): chosen once when the request is resolved (`choose`), applied before the run and removed
+after it, so the next run on the same cached transformer starts from the model as it was loaded.
 
-    state = apply_step_cache(pipe, "first-block", 0.05, steps=req.steps)   # after apply_loras, before apply_plan
+    choice = choose(request, spec)                       # StepCacheChoice, or RequestError naming why not
+    cache = StepCache(choice, steps=request.steps)       # a modifier: apply(pipe) / remove(pipe)
     ... pipe(...) ...
-    sidecar["step_cache"] = state.stats()
-
-Order: like `apply_loras`, a change here strips the offload hooks (`remove_all_offload`) so the caller's
-`vram_utils.apply_plan` puts them back *outside* the cache hooks: a skipped block then still passes through its
-offload hook (onload/offload stay paired, streams' prefetch chain intact), and accelerate's root hook (model
-offload), which restores `forward` by assignment, is always removed before the cache hooks under it.
+    sidecar["step_cache"] = cache.stats()
 
 Defaults (diffusers 0.42.1 docstrings; the number after ':' overrides the first one):
   first-block  threshold 0.05 - relative absmean change of block 0's residual below which the other blocks
@@ -18,7 +16,10 @@ Defaults (diffusers 0.42.1 docstrings; the number after ':' overrides the first 
                (the default per-attention mode matches no module of these models and would keep 2 latent-sized
                tensors per attention layer).
   magcache     threshold 0.06 - accumulated magnitude-ratio error allowed (max_skip_steps 3, retention 0.2);
-               needs ratios from `calibrate_magcache` (diffusers ships them only for Flux).
+               needs ratios from a calibration run (diffusers ships them only for Flux). Ratios are a function of
+               the run's settings alone: they are calibrated on fixed inputs (CALIBRATION_PROMPT, seed 0, a fixed
+               image / video) with the run's model, LoRAs, sizes, steps and guidance, and filed under a key of all
+               of them, so a run's video never depends on which run calibrated first.
   pab          spatial_attention_block_skip_range 2 - attention recomputed every N calls, between timesteps
                100 and 800 (1 = always compute).
   fastercache  spatial_attention_block_skip_range 2, timestep range (-1, 681), uncond batch skip 5
@@ -37,9 +38,13 @@ import torch
 STEP_CACHES = ("off", "first-block", "taylorseer", "magcache", "pab", "fastercache")
 DEFAULTS: dict[str, float] = {"first-block": 0.05, "taylorseer": 5, "magcache": 0.06, "pab": 2, "fastercache": 2}
 INTEGER = ("taylorseer", "pab", "fastercache")  # their number is an interval, >= 1
-EXPERTS = ("transformer", "transformer_2")
+ATTENTION_UNITS = ("pab", "fastercache")  # what they skip: attention layers (the others skip whole blocks)
 _COUNTER = "fitvideo_step_counter"
-_STATE = "_fitvideo_step_cache"
+CALIBRATION_PROMPT = "a person walks along a city street at dusk, cinematic, detailed"
+
+
+class StepCacheError(ValueError):
+    """A step cache that cannot apply to this transformer; the message says why."""
 
 
 def parse_step_cache(text: str) -> tuple[str, float | None]:
@@ -63,23 +68,63 @@ def parse_step_cache(text: str) -> tuple[str, float | None]:
     return name, (int(value) if name in INTEGER else value)
 
 
-_NO_CONTEXT = ("diffusers' WanVideoToVideoPipeline calls the transformer without `cache_context`, so the cache "
-               "hooks have no per-branch state (cond and uncond would share, or the hook raises)")
-_SPLIT_CFG = ("Wan runs cond and uncond as two transformer calls; {} keeps one cache per attention layer, so a "
-              "skipped call would reuse the other branch's attention")
+# --------------------------------------------------------------------------- which cache a run gets
 
 
-def supported(family: str, task: str) -> dict[str, str | None]:
-    """name -> None where the cache applies to (family, task), else the reason it does not."""
-    out: dict[str, str | None] = {name: None for name in STEP_CACHES}
-    if family == "wan":
-        out["pab"] = _SPLIT_CFG.format("Pyramid Attention Broadcast")
-        out["fastercache"] = _SPLIT_CFG.format("FasterCache (which also expects cond+uncond in one batch)")
-        if task == "v2v":
-            out.update({n: _NO_CONTEXT for n in STEP_CACHES if n != "off"})
-    elif family != "cogvideox":
-        out.update({n: f"no step cache is wired for family {family!r}" for n in STEP_CACHES if n != "off"})
+@dataclass(frozen=True)
+class StepCacheChoice:
+    """The step cache of a resolved run: its name and the number in effect (the default filled in), or "off" and,
+    when the preset's cache was left off, the reason."""
+
+    name: str = "off"
+    value: float | None = None
+    note: str = ""
+
+    @property
+    def text(self) -> str:
+        """The request field's form: "off", the name (at its default number), or "name:number"."""
+        if self.name == "off" or self.value == DEFAULTS.get(self.name):
+            return self.name
+        return f"{self.name}:{self.value:g}"
+
+
+def support(spec, task: str) -> dict[str, str | None]:
+    """name -> None where the cache applies to the (model, task) pipeline, else the reason it does not: the
+    family's own (families/), then what this model's transformer allows (its depth, its experts)."""
+    from configs.schema import task_experts
+
+    out: dict[str, str | None] = dict.fromkeys(STEP_CACHES)
+    out.update(spec.family_module.step_cache_problems(task))
+    blocks = int(spec.config.get("transformer", {}).get("num_layers", 2))
+    if out["first-block"] is None and blocks < 2:
+        out["first-block"] = (f"first-block needs a transformer of 2 or more blocks (block 0 decides whether the rest "
+                              f"are skipped); {spec.label} has {blocks}")
+    if out["magcache"] is None and task_experts(spec, task) == 2:
+        out["magcache"] = ("MagCache counts steps per transformer and the two experts split the steps between them, "
+                           "so its ratios would not line up")
     return out
+
+
+def choose(request, spec) -> StepCacheChoice:
+    """The request's own step cache (RequestError with the reason where it does not apply), else its preset's
+    (left off, with a note, where it does not apply)."""
+    from configs.schema import RequestError, load_presets
+
+    own = request.step_cache is not None
+    text = request.step_cache if own else load_presets()[request.preset].step_cache
+    try:
+        name, value = parse_step_cache(text)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    allowed = support(spec, request.task)
+    reason = allowed[name]
+    if reason is None:
+        return StepCacheChoice(name, DEFAULTS.get(name) if value is None else value)
+    if own:
+        ok = ", ".join(n for n, r in allowed.items() if r is None)
+        raise RequestError(f"step cache {name!r} does not apply to {spec.label} {request.task}: {reason}; "
+                           f"choose one of {ok}")
+    return StepCacheChoice(note=f"the {request.preset} preset's step cache ({name}) is left off here: {reason}")
 
 
 # --------------------------------------------------------------------------- counting
@@ -94,7 +139,7 @@ class _Counted:
         self.computed = 0
 
 
-def _attach_counter(module: torch.nn.Module, counts: _Counted) -> list:
+def _attach_counter(module: torch.nn.Module, counts: _Counted):
     from diffusers.hooks import HookRegistry, ModelHook
 
     class Counter(ModelHook):
@@ -102,40 +147,84 @@ def _attach_counter(module: torch.nn.Module, counts: _Counted) -> list:
             counts.computed += 1
             return args, kwargs
 
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    registry.register_hook(Counter(), _COUNTER)
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(Counter(), _COUNTER)
 
     def called(*_):
         counts.called += 1
 
-    return [module.register_forward_pre_hook(called)]
+    return module.register_forward_pre_hook(called)
 
 
-def _units(transformer: torch.nn.Module, name: str) -> list[torch.nn.Module]:
+def units(transformer: torch.nn.Module, name: str) -> list[torch.nn.Module]:
     """What a cache skips: attention layers (PAB, FasterCache: those their regexes pick) or whole blocks."""
-    if name in ("pab", "fastercache"):
+    if name in ATTENTION_UNITS:
         pattern = re.compile(r"^(transformer_blocks|blocks)\.\d+\.attn1$")
         return [m for n, m in transformer.named_modules() if pattern.match(n)]
-    return list(_blocks(transformer))
+    return list(blocks_of(transformer))
 
 
-def _blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
+def blocks_of(transformer: torch.nn.Module) -> torch.nn.ModuleList:
     for attr in ("blocks", "transformer_blocks"):
         if isinstance(getattr(transformer, attr, None), torch.nn.ModuleList):
             return getattr(transformer, attr)
-    raise ValueError(f"{type(transformer).__name__} has no block list a step cache can hook")
+    raise StepCacheError(f"{type(transformer).__name__} has no block list a step cache can hook")
 
 
-@dataclass
-class StepCacheState:
-    """What is applied on a pipeline's transformers, and the counts since the last `reset_counts`."""
+def denoisers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
+    """The pipeline's transformers that are loaded now (a freed expert is None)."""
+    from families import family_of_pipeline
 
-    name: str = "off"
-    threshold: float | None = None
-    steps: int | None = None
-    unit: str = "blocks"
+    family = family_of_pipeline(type(pipe).__name__)
+    names = family.denoisers if family is not None else ("transformer",)
+    return [(n, getattr(pipe, n)) for n in names if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+# --------------------------------------------------------------------------- the modifier
+
+
+@dataclass(eq=False)
+class StepCache:
+    """Modifier: a step cache on every loaded denoiser of a pipeline, with counters. `calibrate`: MagCache's
+    calibration mode instead (nothing skipped, the per-step magnitude ratios recorded)."""
+
+    choice: StepCacheChoice
+    steps: int
+    ratios: list[float] | None = None  # MagCache's, from the calibration (`ratios_for`)
+    calibrate: bool = False
+    name: str = "step_cache"
     counts: list[_Counted] = field(default_factory=list)
-    handles: list = field(default_factory=list)
+    recorded: list[float] = field(default_factory=list)  # calibration: the ratios so far
+    _on: list[tuple[torch.nn.Module, list[torch.nn.Module], list]] = field(default_factory=list)
+
+    def added_bytes(self) -> int:
+        return 0  # what a cache keeps lives in the denoise stage's activations (the planner counts it there)
+
+    def apply(self, pipe) -> None:
+        for attr, module in denoisers_of(pipe):
+            if any(m is module for m, _, _ in self._on):
+                continue  # already on (an expert loaded mid-run: only the new one gets it)
+            config = self._config(pipe, attr, module)
+            hooked, handles = units(module, self.choice.name), []
+            for unit in hooked:  # counters first: innermost in each registry
+                counts = _Counted()
+                self.counts.append(counts)
+                handles.append(_attach_counter(unit, counts))
+            module.enable_cache(config)
+            self._on.append((module, hooked, handles))
+
+    def remove(self, pipe) -> None:
+        from diffusers.hooks import HookRegistry
+
+        for module, hooked, handles in self._on:
+            if module.is_cache_enabled:
+                module.disable_cache()
+            for unit, handle in zip(hooked, handles):
+                handle.remove()
+                registry = getattr(unit, "_diffusers_hook", None)
+                if registry is not None:
+                    registry.remove_hook(_COUNTER, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
+        self._on = []
 
     def reset_counts(self) -> None:
         for c in self.counts:
@@ -144,201 +233,123 @@ class StepCacheState:
     def stats(self) -> dict:
         total = sum(c.called for c in self.counts)
         done = sum(c.computed for c in self.counts)
-        return {"name": self.name, "threshold": self.threshold, "unit": self.unit, "blocks_computed": done,
+        unit = "attention layers" if self.choice.name in ATTENTION_UNITS else "blocks"
+        return {"name": self.choice.name, "threshold": self.choice.value, "unit": unit, "blocks_computed": done,
                 "blocks_total": total, "skipped_fraction": round(1 - done / total, 4) if total else 0.0}
 
+    def calibration_callback(self):
+        """The calibration run's `callback_on_step_end`: keeps the magnitude ratios diffusers has recorded so far
+        (`recorded`). Read per step because the pipeline resets its stateful hooks when the call ends."""
+        from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
 
-# --------------------------------------------------------------------------- applying
+        def on_step_end(_pipe, i, t, kwargs):
+            module = self._on[0][0]
+            manager = blocks_of(module)[-1]._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK).state_manager
+            states = list(manager._state_cache.values())
+            if states:
+                self.recorded = [float(r) for r in states[0].calibration_ratios]
+            return kwargs
 
+        return on_step_end
 
-def transformers_of(pipe) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, getattr(pipe, n)) for n in EXPERTS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    def _config(self, pipe, attr: str, module: torch.nn.Module):
+        """The diffusers config for this cache on one transformer (StepCacheError where it cannot apply)."""
+        from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
+                                     PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
 
-
-def current_state(pipe) -> StepCacheState:
-    return pipe.__dict__.get(_STATE) or StepCacheState()
-
-
-def remove_step_cache(pipe) -> None:
-    """Take every cache and counter hook off the pipeline's transformers (offload hooks come off first, as in
-    `apply_step_cache`; the caller re-applies its plan)."""
-    from diffusers.hooks import HookRegistry
-
-    state = pipe.__dict__.pop(_STATE, None)
-    if state is None:
-        return
-    _strip_offload(pipe)
-    for h in state.handles:
-        h.remove()
-    for _, module in transformers_of(pipe):
-        if module.is_cache_enabled:
-            module.disable_cache()
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.remove_hook(_COUNTER, recurse=True)
-        registry.invalidate_child_registries_cache()
-
-
-def _strip_offload(pipe) -> None:
-    from vram_utils.offload import remove_all_offload
-
-    remove_all_offload(pipe)
-
-
-def apply_step_cache(pipe, name: str, threshold: float | None = None, steps: int | None = None,
-                     key: str | None = None) -> StepCacheState:
-    """Put cache `name` ("off" removes) on every transformer of `pipe`; idempotent (the same again leaves the
-    hooks alone and only zeroes the counters and the hooks' per-run state). `steps`: the run's step count
-    (MagCache needs it). `key`: the MagCache ratio file's model key (default `magcache_key(pipe)`)."""
-    name, parsed = parse_step_cache(name) if threshold is None else (name, threshold)
-    if name not in STEP_CACHES:
-        parse_step_cache(name)
-    threshold = DEFAULTS.get(name) if parsed is None else parsed
-    old = pipe.__dict__.get(_STATE)
-    wanted = (name, threshold, steps if name == "magcache" else None, key)
-    if old is not None and (old.name, old.threshold, old.steps, getattr(old, "key", None)) == wanted:
-        old.reset_counts()
-        for _, module in transformers_of(pipe):
-            module._reset_stateful_cache()
-        return old
-    remove_step_cache(pipe)
-    if name == "off":
-        return StepCacheState()
-    _strip_offload(pipe)
-    state = StepCacheState(name, threshold, wanted[2], "attention layers" if name in ("pab", "fastercache") else "blocks")
-    state.key = key  # type: ignore[attr-defined]
-    for attr, module in transformers_of(pipe):
-        config = _config(pipe, attr, module, state, key)
-        for unit in _units(module, name):  # counters first: innermost in each registry
-            counts = _Counted()
-            state.counts.append(counts)
-            state.handles += _attach_counter(unit, counts)
-        module.enable_cache(config)
-    pipe.__dict__[_STATE] = state
-    return state
+        name, value = self.choice.name, self.choice.value
+        if name == "first-block":
+            if len(blocks_of(module)) < 2:
+                raise StepCacheError(f"first-block cache needs a transformer of >= 2 blocks; {attr} has "
+                                     f"{len(blocks_of(module))}")
+            return FirstBlockCacheConfig(threshold=float(value))
+        if name == "taylorseer":
+            return TaylorSeerCacheConfig(cache_interval=int(value), use_lite_mode=True, taylor_factors_dtype=None)
+        clock = lambda: pipe.current_timestep  # noqa: E731  (the pipeline's own timestep while it denoises)
+        if name == "pab":
+            return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
+                                                   current_timestep_callback=clock)
+        if name == "fastercache":
+            return FasterCacheConfig(spatial_attention_block_skip_range=int(value), current_timestep_callback=clock,
+                                     attention_weight_callback=lambda _: 0.5, tensor_format="BFCHW")
+        if name != "magcache":
+            raise StepCacheError(f"step cache {name!r} has no config")
+        if self.calibrate:
+            # steps + 1: diffusers clears the ratios when its step counter reaches num_inference_steps; one more
+            # keeps them until the run has ended and they are read
+            return MagCacheConfig(calibrate=True, num_inference_steps=self.steps + 1)
+        if not self.ratios:
+            raise StepCacheError("magcache needs ratios from a calibration run (the runner makes them first)")
+        return MagCacheConfig(threshold=float(value), num_inference_steps=self.steps, mag_ratios=self.ratios)
 
 
-def _config(pipe, attr: str, module: torch.nn.Module, state: StepCacheState, key: str | None):
-    """The diffusers config for `state.name` on one transformer (raises a clear error where it cannot apply)."""
-    from diffusers.hooks import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig,
-                                 PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig)
-
-    name, value = state.name, state.threshold
-    blocks = len(_blocks(module))
-    if name == "first-block":
-        if blocks < 2:
-            raise ValueError(f"first-block cache needs a transformer of >= 2 blocks; {attr} has {blocks}")
-        return FirstBlockCacheConfig(threshold=float(value))
-    if name == "taylorseer":
-        return TaylorSeerCacheConfig(cache_interval=int(value), use_lite_mode=True, taylor_factors_dtype=None)
-    clock = lambda: pipe.current_timestep  # noqa: E731  (the pipeline's own timestep while it denoises)
-    if name == "pab":
-        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
-                                               current_timestep_callback=clock)
-    if name == "fastercache":
-        return FasterCacheConfig(spatial_attention_block_skip_range=int(value), current_timestep_callback=clock,
-                                 attention_weight_callback=lambda _: 0.5, tensor_format="BFCHW")
-    if len(transformers_of(pipe)) > 1:
-        raise ValueError("magcache counts steps per transformer; a two-expert pipeline splits the steps between "
-                         "them, so its ratios would not line up: use first-block or taylorseer")
-    if not state.steps:
-        raise ValueError("magcache needs the run's step count (steps=)")
-    ratios = load_magcache_ratios(key or magcache_key(pipe))
-    return MagCacheConfig(threshold=float(value), num_inference_steps=state.steps, mag_ratios=ratios)
+# --------------------------------------------------------------------------- MagCache ratios on disk
 
 
-# --------------------------------------------------------------------------- MagCache calibration
+def ratios_key_for(spec, facts: dict) -> str:
+    """The ratio file's key: the model's weights (its id or folder, its transformer's config and size) and every
+    run setting the ratios depend on (`facts`: engine/runner.py `ratios_facts`), hashed."""
+    weights = {"model": spec.id, "folder": spec.folder, "transformer": spec.config.get("transformer"),
+               "params": spec.params.get("transformer")}
+    digest = hashlib.sha256(json.dumps({**weights, **facts}, sort_keys=True, default=str).encode()).hexdigest()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec.folder or spec.id)).name)[-60:]
+    return f"{name}-{digest[:16]}"
 
 
-def magcache_key(pipe) -> str:
-    """A file name for the transformer's weights: its source folder's name and a hash of its config."""
-    module = pipe.transformer
-    cfg = dict(module.config)
-    source = Path(str(cfg.pop("_name_or_path", "") or type(module).__name__)).name
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{type(module).__name__}-{source}")[-80:] + f"-{digest}"
+def calibration_inputs(req) -> dict:
+    """MagCache's fixed conditioning for a request's task: a colour gradient at the request's size as the image
+    (I2V) or held for every frame (V2V, at the request's strength); the frame count for T2V."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = req.height, req.width
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) * 255 // max(1, w + h - 2)], -1)
+    image = Image.fromarray(rgb.astype(np.uint8))
+    if req.task == "i2v":
+        return {"image": image}
+    if req.task == "v2v":
+        return {"video": [image] * req.frames, "strength": req.strength}
+    return {"num_frames": req.frames}
 
 
-def magcache_path(key: str) -> Path:
+def ratios_path(key: str) -> Path:
     from engine.tiny import fitvideo_home
 
     return fitvideo_home() / "magcache" / f"{key}.json"
 
 
-def load_magcache_ratios(key: str) -> list[float]:
-    path = magcache_path(key)
-    if not path.is_file():
-        raise ValueError(f"magcache has no ratios for this model ({path} is missing); calibrate once with "
-                         "`engine.stepcache.calibrate_magcache(pipe, steps=..., prompt=...)`")
-    return [float(r) for r in json.loads(path.read_text())["ratios"]]
-
-
-def calibrate_magcache(pipe, steps: int, key: str | None = None, **call) -> Path:
-    """Run the pipeline once with diffusers' MagCache calibration mode (nothing skipped) and save the
-    per-step residual magnitude ratios at $FITVIDEO_HOME/magcache/<key>.json. `call`: the pipeline's inputs."""
-    from diffusers.hooks import MagCacheConfig
-    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
-
-    remove_step_cache(pipe)
-    module = pipe.transformer
-    # steps + 1: diffusers clears the ratios when its step counter reaches num_inference_steps; one more
-    # keeps them until our step callback has read them.
-    module.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps + 1))
-    manager = _blocks(module)[-1]._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK).state_manager
-    seen: list[float] = []
-
-    def on_step_end(_pipe, i, t, kwargs):
-        states = list(manager._state_cache.values())
-        if states:
-            seen[:] = list(states[0].calibration_ratios)
-        return kwargs
-
+def load_ratios(key: str) -> list[float] | None:
+    """Ratios calibrated before under `key`, or None (a damaged file counts as none: it is made again)."""
+    path = ratios_path(key)
     try:
-        pipe(num_inference_steps=steps, callback_on_step_end=on_step_end, **call)
-    finally:
-        module.disable_cache()
-    path = magcache_path(key or magcache_key(pipe))
+        ratios = [float(r) for r in json.loads(path.read_text())["ratios"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ratios or None
+
+
+def save_ratios(key: str, ratios: list[float], facts: dict) -> Path:
+    from decode.writer import write_json_atomic
+
+    path = ratios_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"steps": steps, "ratios": seen}, indent=1))
+    write_json_atomic(path, {"ratios": ratios, "settings": facts})
     return path
 
 
-# --------------------------------------------------------------------------- a run's choice
+# --------------------------------------------------------------------------- the plan's words
 
 
-def resolve_step_cache(request, spec) -> tuple[str, float | None, str]:
-    """(name, threshold, note) for a request: its own choice (refused with the reason where it does not
-    apply), else its motion preset's (left off, with a note, where it does not apply)."""
-    from configs.schema import RequestError, load_presets
-
-    own = request.step_cache is not None
-    text = request.step_cache if own else load_presets()[request.preset].step_cache
-    try:
-        name, value = parse_step_cache(text)
-    except ValueError as exc:
-        raise RequestError(str(exc)) from None
-    reason = supported(spec.family, request.task)[name]
-    if reason is None:
-        return name, value, ""
-    if own:
-        raise RequestError(f"step cache {name!r} does not apply to {spec.label} {request.task}: {reason}; "
-                           f"choose one of {', '.join(n for n, r in supported(spec.family, request.task).items() if r is None)}")
-    return "off", None, f"the {request.preset} preset's step cache ({name}) is left off here: {reason}"
-
-
-def needs_calibration(pipe, name: str) -> bool:
-    """MagCache on a model with no ratios recorded yet (the first run calibrates them)."""
-    return name == "magcache" and not magcache_path(magcache_key(pipe)).is_file()
-
-
-def plan_note(name: str, threshold: float | None, steps: int, kept_bytes: int = 0) -> str:
+def plan_note(choice: StepCacheChoice, steps: int, kept_bytes: int = 0) -> str:
     """One line for the plan: the cache, what it keeps in memory, and the share of block computations it runs."""
+    name, value = choice.name, choice.value
     if name == "off":
-        return ""
-    value = DEFAULTS.get(name) if threshold is None else threshold
+        return choice.note
     if name == "taylorseer":
         computed = min(steps, 3 + max(0, steps - 3 + int(value) - 1) // int(value))
         share = f"computes blocks on {computed} of {steps} steps ({computed / steps:.0%})"
-    elif name in ("pab", "fastercache"):
+    elif name in ATTENTION_UNITS:
         share = f"recomputes spatial attention every {int(value)} steps within its timestep window"
     else:
         share = f"skips a step's remaining blocks while the change stays under {value:g} (adaptive: the sidecar says how many)"
@@ -346,4 +357,4 @@ def plan_note(name: str, threshold: float | None, steps: int, kept_bytes: int = 
               "taylorseer": "the output projection's input and its first difference per branch",
               "pab": "one attention output per layer", "fastercache": "attention outputs per layer and branch"}[name]
     size = f", {kept_bytes / 2**30:.2f} GiB counted in the denoise stage" if kept_bytes else ""
-    return f"step cache {name}:{value:g} {share}; keeps {memory} (latent-token sized{size})"
+    return f"step cache {choice.name}:{value:g} {share}; keeps {memory} (latent-token sized{size})"

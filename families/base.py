@@ -158,6 +158,16 @@ class ModelFamily:
     # a latent width without published numbers gets `fallback_rgb_projection`.
     latent_rgb_factors: tuple[tuple[float, float, float], ...] = ()
     latent_rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # What the run's modifiers (engine/modifiers.py) need to know of the family's pipelines:
+    denoisers: tuple[str, ...] = ("transformer",)  # the transformer components, in the order they run
+    # the attention processor calls diffusers' dispatcher (False: engine/attention.py routes it there first)
+    attention_dispatched: bool = True
+    # the transformer declares `_repeated_blocks` (diffusers' compile_repeated_blocks needs them)
+    repeated_blocks: bool = False
+
+    def step_cache_problems(self, task: str) -> dict[str, str]:
+        """Step cache name -> why it does not apply to this family's `task` pipeline (absent: it applies)."""
+        return {}
 
     # ---------------------------------------------------------------- recognising a pipeline folder
     def serves(self, class_name: str) -> bool:

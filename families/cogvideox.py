@@ -85,6 +85,9 @@ class CogVideoX(ModelFamily):
     max_frames = 49
     latent_rgb_factors = COGVIDEOX_RGB_FACTORS
     latent_rgb_bias = COGVIDEOX_RGB_BIAS
+    # CogVideoXAttnProcessor2_0 calls F.scaled_dot_product_attention directly: a backend set on the model would do
+    # nothing until engine/attention.py routes the call through the dispatcher
+    attention_dispatched = False
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:

@@ -96,6 +96,19 @@ class Wan(ModelFamily):
     max_frames = 81
     latent_rgb_factors = WAN21_RGB_FACTORS
     latent_rgb_bias = WAN21_RGB_BIAS
+    denoisers = ("transformer", "transformer_2")  # Wan 2.2 A14B: high-noise then low-noise expert
+    repeated_blocks = True
+
+    def step_cache_problems(self, task: str) -> dict[str, str]:
+        split = ("Wan runs cond and uncond as two transformer calls; {} keeps one cache per attention layer, so a "
+                 "skipped call would reuse the other branch's attention")
+        problems = {"pab": split.format("Pyramid Attention Broadcast"),
+                    "fastercache": split.format("FasterCache (which also expects cond+uncond in one batch)")}
+        if task == "v2v":
+            no_context = ("diffusers' WanVideoToVideoPipeline calls the transformer without `cache_context`, so the "
+                          "cache hooks have no per-branch state (cond and uncond would share, or the hook raises)")
+            problems.update(dict.fromkeys(("first-block", "taylorseer", "magcache", "pab", "fastercache"), no_context))
+        return problems
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:

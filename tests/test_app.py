@@ -233,7 +233,7 @@ def test_first_start_loads_no_model_and_serves_the_page(monkeypatch, tmp_path, t
 
 
 def test_t2v_end_to_end_with_a_random_seed(served, client):
-    video, seed, info = client.predict(**tiny(seed=-1), api_name="/t2v")
+    video, seed, info, _job = client.predict(**tiny(seed=-1), api_name="/t2v")
     sidecar = check_result(served, "t2v", video, seed)
     assert f"seed **{seed}**" in info and "9 frames" in info
     assert sidecar["request"]["prompt"] == "a red car on a street"
@@ -243,7 +243,7 @@ def test_t2v_end_to_end_with_a_random_seed(served, client):
 def test_i2v_end_to_end_keeps_its_input(served, client, sample_image):
     from gradio_client import handle_file
 
-    video, seed, _ = client.predict(
+    video, seed, _, _job = client.predict(
         **tiny(model="tiny-wan", seed=7), image=handle_file(str(sample_image)), api_name="/i2v"
     )
     assert seed == 7
@@ -255,7 +255,7 @@ def test_i2v_end_to_end_keeps_its_input(served, client, sample_image):
 def test_v2v_end_to_end(served, client, sample_video):
     from gradio_client import handle_file
 
-    video, seed, _ = client.predict(
+    video, seed, _, _job = client.predict(
         **tiny(seed=11), video=handle_file(str(sample_video)), strength=0.5, api_name="/v2v"
     )
     sidecar = check_result(served, "v2v", video, seed)
@@ -267,7 +267,7 @@ def test_two_expert_model_end_to_end_with_its_second_guidance(served, client, sa
     from gradio_client import handle_file
 
     image = {"image": handle_file(str(sample_image))} if task == "i2v" else {}
-    video, seed, _ = client.predict(
+    video, seed, _, _job = client.predict(
         **tiny(model="tiny-wan-moe", steps=4, guidance=5.0, guidance_2=2.5, seed=91), **image, api_name=f"/{task}"
     )
     assert seed == 91
@@ -276,7 +276,7 @@ def test_two_expert_model_end_to_end_with_its_second_guidance(served, client, sa
     # tiny-wan-moe at 4 steps: timesteps 999, 900 | 750, 500 around the boundary 875
     assert sidecar["experts"]["switch_step"] == 2 and sidecar["experts"]["guidance_2"] == 2.5
     # a one-transformer model ignores the page's hidden second-guidance slider
-    video, seed, _ = client.predict(**tiny(seed=92 if task == "t2v" else 93), guidance_2=2.5, api_name="/t2v")
+    video, seed, _, _job = client.predict(**tiny(seed=92 if task == "t2v" else 93), guidance_2=2.5, api_name="/t2v")
     assert check_result(served, "t2v", video, seed)["request"]["guidance_2"] is None
 
 
@@ -320,7 +320,7 @@ def test_bad_input_names_the_value_and_the_app_stays_up(served, client):
         client.predict(**tiny(prompt="   "), api_name="/t2v")
     with pytest.raises(AppError, match=r"frames=10 is not allowed.*nearest: 9"):
         client.predict(**tiny(frames=10), api_name="/t2v")
-    video, seed, _ = client.predict(**tiny(seed=3), api_name="/t2v")
+    video, seed, _, _job = client.predict(**tiny(seed=3), api_name="/t2v")
     assert read_video(video).shape[0] == 9
 
 
@@ -349,7 +349,7 @@ def test_a_non_image_upload_is_refused_naming_the_file_and_the_app_stays_up(serv
     # The plan preview does not judge the file (it does not change the plan): it still plans.
     line, _ = client.predict(**tiny(model="tiny-wan"), image=handle_file(str(fake)), api_name="/plan_i2v")
     assert line.startswith("**Plan:**")
-    video, seed, _ = client.predict(
+    video, seed, _, _job = client.predict(
         **tiny(model="tiny-wan", seed=13), image=handle_file(str(sample_image)), api_name="/i2v"
     )
     check_result(served, "i2v", video, seed)
@@ -360,7 +360,7 @@ def test_v2v_takes_an_animated_or_a_one_frame_gif(served, client, tmp_path, fram
     from gradio_client import handle_file
 
     gif = write_gif(tmp_path / f"in{frames_in_gif}.gif", frames_in_gif)
-    video, used, info = client.predict(**tiny(seed=seed), video=handle_file(str(gif)), api_name="/v2v")
+    video, used, info, _job = client.predict(**tiny(seed=seed), video=handle_file(str(gif)), api_name="/v2v")
     sidecar = check_result(served, "v2v", video, used)
     kept = Path(sidecar["request"]["video"])
     assert kept.suffix == ".gif" and kept.read_bytes() == gif.read_bytes()
@@ -422,7 +422,7 @@ def test_stop_ends_a_running_generation_within_a_step(served, client, slow_steps
     wait_for(job, lambda s: denoise_step(s) >= 3)
     t0 = time.monotonic()
     message = client.predict(api_name="/stop_t2v")  # same client: same session, same tab
-    video, seed, info = job.result(timeout=30)
+    video, seed, info, _job = job.result(timeout=30)
     stopped_s = time.monotonic() - t0
     m = re.search(r"Stopped\*\* at denoising step (\d+)/100", message)
     assert m, message
@@ -431,7 +431,7 @@ def test_stop_ends_a_running_generation_within_a_step(served, client, slow_steps
     assert outputs_for(served.outputs, "t2v", 31) == []
     assert not list(served.outputs.glob(".*partial*"))
     # Ready again: the next run goes through at once.
-    video, _, _ = client.predict(**tiny(seed=32), api_name="/t2v")
+    video, _, _, _job = client.predict(**tiny(seed=32), api_name="/t2v")
     assert read_video(video).shape[0] == 9
 
 
@@ -440,7 +440,7 @@ def test_cancelling_a_running_job_stops_it_and_frees_the_gpu_queue(served, slow_
     job = first.submit(**long_run(seed=41), api_name="/t2v")
     wait_for(job, lambda s: denoise_step(s) >= 2)
     job.cancel()  # gradio_client's cancel: the server raises the run's stop flag
-    video, seed, _ = second.predict(**tiny(seed=42), api_name="/t2v")
+    video, seed, _, _job = second.predict(**tiny(seed=42), api_name="/t2v")
     assert seed == 42 and read_video(video).shape[0] == 9
     assert outputs_for(served.outputs, "t2v", 41) == []  # the cancelled run ended early: nothing saved
 
@@ -553,7 +553,7 @@ def test_cache_panel_lists_unloads_and_resizes(served, client):
 
 
 def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served, client, tmp_path):
-    video, seed, _ = client.predict(**tiny(seed=71, prompt="a golden horse runs", frames=17, fps=12), api_name="/t2v")
+    video, seed, _, _job = client.predict(**tiny(seed=71, prompt="a golden horse runs", frames=17, fps=12), api_name="/t2v")
     [saved] = outputs_for(served.outputs, "t2v", 71)
     # A restart: a new server (new runner, empty cache) on the same outputs folder.
     again = start(served.outputs)
@@ -570,7 +570,8 @@ def test_gallery_lists_results_after_a_restart_and_reuses_their_settings(served,
         task, reused = reused[0], reused[1:]
         assert task == "t2v"  # the tab the page opens (a hidden box that SELECT_TAB_JS reads)
         n = len(again.ui.optimization.fields())  # the Optimization settings come first
-        assert reused[:n] == ["auto", "none", True, 272, 272, 144, 128, "", "auto", False, False]
+        # as resolved: the step cache that ran ("off": the balanced preset has none), the backend that ran
+        assert reused[:n] == ["auto", "none", True, 272, 272, 144, 128, "off", "native", False, False]
         reused = reused[n:]  # then the T2V tab's fields, then I2V's, V2V's
         assert reused[:10] == ["tiny-cogvideox", "a golden horse runs", "", 71, "balanced", 2, 6.0, 17, 12, "32x32"]
         # then guidance_2 (one transformer: left as it is) and the finishing steps (off)
@@ -606,7 +607,7 @@ def test_model_folders_under_models_dir_are_listed_and_generate(tmp_path, tiny_m
         assert str(mine) not in {v for _, v in s.ui.task_tabs["i2v"].model.choices}
         label = model_status(str(mine), "t2v").label
         assert label == "my-cogvideox (local folder) · on this machine"
-        video, seed, info = Client(s.url, verbose=False).predict(**tiny(model=str(mine)), api_name="/t2v")
+        video, seed, info, _job = Client(s.url, verbose=False).predict(**tiny(model=str(mine)), api_name="/t2v")
         assert read_video(video).shape == (9, 32, 32, 3)
         sidecar = json.loads((s.outputs / Path(video).name).with_suffix(".json").read_text())
         assert sidecar["request"]["model"] == str(mine)
@@ -618,7 +619,7 @@ def test_finishing_steps_chained_after_a_run_and_from_the_gallery(served, client
     """generate -> upscale x2 -> interpolate x2 through the API; the un-finished videos are kept, each with a
     sidecar; the Gallery's buttons run a step on a past result; a 1-frame video is refused and the app stays up."""
     monkeypatch.setattr("postprocess.upscale.cached_weights", lambda spec: None)  # a fresh machine: no weights
-    video, seed, info = client.predict(**tiny(seed=83, upscale=2, interpolate=2), api_name="/t2v")
+    video, seed, info, _job = client.predict(**tiny(seed=83, upscale=2, interpolate=2), api_name="/t2v")
     [saved] = outputs_for(served.outputs, "t2v", 83)
     up, both = saved.with_name(f"{saved.stem}_up2.mp4"), saved.with_name(f"{saved.stem}_up2_int2.mp4")
     assert read_video(saved).shape == (9, 32, 32, 3)
@@ -633,7 +634,7 @@ def test_finishing_steps_chained_after_a_run_and_from_the_gallery(served, client
     details = client.predict(saved.name, api_name="/interpolate_result")
     assert "9 -> 17 frames" in details and "minterpolate" in details
     assert read_video(saved.with_name(f"{saved.stem}_int2.mp4")).shape == (17, 32, 32, 3)
-    with pytest.raises(Exception, match="3 .* is not in the list of choices: \\[0, 2, 4\\]"):
+    with pytest.raises(Exception, match="upscale=3 is not allowed; use 0 \\(off\\), 2 or 4"):
         client.predict(**tiny(upscale=3), api_name="/t2v")
     one, *_ = client.predict(**tiny(seed=84, frames=1), api_name="/t2v")
     client.predict(api_name="/gallery")

@@ -19,32 +19,35 @@ def _run(pipe, cog: bool) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model", ["tiny-cogvideox", "tiny-wan"])
-def test_native_keeps_the_output_bitwise_and_another_backend_really_goes_through_the_dispatcher(model, tiny_models,
-                                                                                                 monkeypatch):
+def test_another_backend_really_goes_through_the_dispatcher_and_removal_gives_the_model_back(model, tiny_models,
+                                                                                              monkeypatch):
     from diffusers.models import attention_dispatch
+    from diffusers.models.transformers import transformer_wan
 
+    from engine import modifiers
     from engine.loaders import load_pipeline
 
     pipe, cog = load_pipeline(model, "t2v"), model == "tiny-cogvideox"
-    base = _run(pipe, cog)
-    assert A.apply_attention_backend(pipe, "native") == "native"
-    assert torch.equal(_run(pipe, cog), base)
-    if cog:  # the backend switch needs CogVideoX's processor routed through the dispatcher
-        A._route_cogvideox_through_dispatcher(pipe.transformer)
-        assert torch.equal(_run(pipe, cog), base)  # same computation, bitwise
-    from diffusers.models.transformers import transformer_wan
-
+    clean, base = modifiers.fingerprint(pipe), _run(pipe, cog)
+    if cog:  # the backend switch needs CogVideoX's processor routed through the dispatcher: the same computation
+        swapped = A._route_through_dispatcher(pipe.transformer)
+        assert swapped and torch.equal(_run(pipe, cog), base)
+        for sub, processor in swapped:
+            sub.set_processor(processor)
     seen = []
     real = attention_dispatch.dispatch_attention_fn
     spy = lambda *a, **k: seen.append(getattr(k.get("backend"), "value", k.get("backend"))) or real(*a, **k)  # noqa: E731
     monkeypatch.setattr(attention_dispatch, "dispatch_attention_fn", spy)  # what our CogVideoX processor calls
     monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", spy)  # what Wan's processor imported
-    pipe.transformer.set_attention_backend("_native_math")  # a second backend the CPU has
+    backend = A.AttentionBackend("_native_math")  # a second backend the CPU has, as a run's modifier
+    modifiers.apply_all(pipe, [backend])
     math = _run(pipe, cog)
     assert seen and set(seen) == {"_native_math"}
     # the math kernel sums in another order: float32 rounding, a few ulps of the latents' scale
     assert torch.allclose(math, base, rtol=0, atol=64 * torch.finfo(torch.float32).eps * base.abs().max().item())
-    pipe.transformer.reset_attention_backend()
+    modifiers.remove_all(pipe, [backend])
+    assert modifiers.fingerprint(pipe) == clean  # the original processors, no backend set
+    assert torch.equal(_run(pipe, cog), base)
 
 
 def test_backends_that_cannot_run_here_are_refused_with_the_reason():
@@ -63,9 +66,9 @@ def test_regional_compile_is_refused_off_cuda_and_for_cogvideox(runner, tiny_mod
     from configs.schema import get_model_spec
 
     wan, cog = get_model_spec("tiny-wan"), get_model_spec("tiny-cogvideox")
-    assert "CUDA" in A.compile_problem_for(wan, "cpu")
-    assert A.compile_problem_for(wan, "cuda:0") == ""
-    assert "no repeated blocks" in A.compile_problem_for(cog, "cuda:0")
+    assert "CUDA" in A.compile_problem(wan, "cpu")
+    assert A.compile_problem(wan, "cuda:0") == ""
+    assert "no repeated blocks" in A.compile_problem(cog, "cuda:0")
     if not torch.cuda.is_available():
         req = GenerationRequest(model="tiny-wan", task="t2v", prompt="a cat", frames=5, height=32, width=32,
                                 steps=1, compile=True)

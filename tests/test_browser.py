@@ -271,9 +271,13 @@ def _pick_loras(page, names) -> None:
 
 
 def _set_cell(page, cells, index: int, value: str) -> None:
+    """Edit one table cell: its editor must be open before typing (on a loaded machine a double click can take a
+    moment to open it; typing earlier would append to the old value)."""
     cells.nth(index).dblclick()
-    page.keyboard.press("Control+A")
-    page.keyboard.type(value)
+    editor = cells.nth(index).locator("input, textarea").first
+    editor.wait_for(state="visible", timeout=UI_TIMEOUT_MS)
+    editor.fill(value)
+    assert editor.input_value() == value
     page.keyboard.press("Enter")
 
 

@@ -49,18 +49,20 @@ class _Gate:
 def test_jobs_are_written_before_they_run_run_in_order_and_their_files_go_when_done(tmp_path):
     gate = _Gate()
     queue = JobQueue(tmp_path / QUEUE_SUBDIR, gate, max_waiting=2)
-    first = queue.submit("t2v", _request(1), tmp_path / "a.mp4", owner="ann")
+    first = queue.submit(_request(1), tmp_path / "a.mp4", owner="ann")
     deadline = time.monotonic() + 5
     while first.state != "running" and time.monotonic() < deadline:
         time.sleep(0.01)
-    second = queue.submit("t2v", _request(2), tmp_path / "a.mp4")  # the same name as a queued job: another one
-    third = queue.submit("t2v", _request(3), tmp_path / "b.mp4")
+    second = queue.submit(_request(2), tmp_path / "a.mp4")  # the same name as a queued job: another one
+    third = queue.submit(_request(3), tmp_path / "b.mp4")
     assert second.out_path != first.out_path and Path(second.out_path).name == "a-1.mp4"
     with pytest.raises(QueueFull, match="queue is full"):
-        queue.submit("t2v", _request(4), tmp_path / "c.mp4")
+        queue.submit(_request(4), tmp_path / "c.mp4")
     files = {p.stem: json.loads(p.read_text()) for p in (tmp_path / QUEUE_SUBDIR).glob("*.json")}
     assert files[first.id]["state"] == "running" and files[second.id]["state"] == "waiting"
-    assert GenerationRequest.from_dict(files[third.id]["request"]) == _request(3)
+    from engine.resolve import resolve
+
+    assert GenerationRequest.from_dict(files[third.id]["request"]) == resolve(_request(3)).request  # as resolved
     assert queue.ahead(third) == 2 and queue.ahead(second) == 1
     assert [j.id for j in queue.jobs()] == [first.id, second.id, third.id]
     assert [j.id for j in queue.jobs(owner="ann")] == [first.id]

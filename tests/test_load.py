@@ -55,7 +55,7 @@ def test_twenty_jobs_from_five_threads_finish_or_are_refused_cleanly(served):
             local.client = Client(url, verbose=False)
         seed = i % 3  # same seeds within the same second: output names must still not collide
         try:
-            video, used_seed, _ = local.client.predict(**kwargs, seed=seed, api_name="/t2v")
+            video, used_seed, _, _job = local.client.predict(**kwargs, seed=seed, api_name="/t2v")
             outcome = ("done", video, used_seed)
         except Exception as exc:  # the only acceptable failure is a full queue
             outcome = ("refused", str(exc), None)

@@ -169,21 +169,23 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from configs.schema import resolve_request
     from engine.cache import PipelineCache
-    from reports.text import plan_line, plan_markdown
+    from engine.resolve import resolve
     from engine.runner import Runner
+    from reports.text import plan_line, plan_markdown
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
     runner.previews = False  # a terminal cannot show them
-    req = resolve_request(request_from_args(args))  # RequestError (exit 2) before anything loads
-    plan = runner.plan(req)
+    run = resolve(request_from_args(args), check_files=not args.plan)  # RequestError (exit 2) before anything loads
+    plan = runner.plan(run)
     if args.plan:
-        print(plan_markdown(req, plan))
+        print(plan_markdown(run.request, plan))
         return 0
+    for note in run.notes:
+        logger.warning("%s", note)
     logger.info("%s", plan_line(plan, details="app.py generate --plan shows the full plan"))
     with progress_renderer(args) as progress:  # loading, encoding, denoising k/N, decoding j/M, finishing
-        result = runner.generate(req, out_path=args.out, on_progress=progress)
+        result = runner.generate(run, out_path=args.out, on_progress=progress)
     print(result.video_path)
     for finished in result.finishing:  # finishing steps' videos, in order; the last is the finished one
         print(finished["video"])

@@ -36,6 +36,8 @@ class LeakReport:
     holders: tuple[str, ...] = ()
     at: float = 0.0
     judged: bool = True  # False for a warm-up run (lazy imports and allocator pools grow once)
+    # what the run left on the cached pipelines' modules (engine/modifiers.py: hooks, adapters, processors): a bug
+    leftovers: tuple[str, ...] = ()
 
     @property
     def delta_bytes(self) -> int:
@@ -48,7 +50,8 @@ class LeakReport:
     def line(self) -> str:
         mib = self.delta_bytes / 2**20
         verdict = "LEAK" if self.leaked else "ok" if self.judged else "warm-up, not judged"
-        return f"{self.label}: {self.metric} {mib:+.1f} MiB vs baseline ({verdict})"
+        left = f"; LEFT ON THE MODEL: {'; '.join(self.leftovers[:3])}" if self.leftovers else ""
+        return f"{self.label}: {self.metric} {mib:+.1f} MiB vs baseline ({verdict}){left}"
 
 
 def _release() -> None:
@@ -109,16 +112,18 @@ class LeakSentinel:
         return self.measure(collect=False)
 
     def after(self, token: tuple[str, int], label: str, weight_ids: set[int] | None = None,
-              judge: bool = True) -> LeakReport:
-        """Compare with `token`; `judge=False` records a warm-up run (one that loaded a model) unjudged."""
+              judge: bool = True, leftovers: list[str] | None = None) -> LeakReport:
+        """Compare with `token`; `judge=False` records a warm-up run (one that loaded a model) unjudged.
+        `leftovers`: what the run left on the cached pipelines (the runner's check), kept in the report."""
         metric, before = token
         _, after = self.measure()
         threshold = self.gpu_threshold_bytes if metric == "gpu_allocated" else self.host_threshold_bytes
-        report = LeakReport(label, metric, before, after, threshold, at=time.time(), judged=judge)
+        left = tuple(leftovers or ())
+        report = LeakReport(label, metric, before, after, threshold, at=time.time(), judged=judge, leftovers=left)
         if report.leaked:
             device_type = "cuda" if metric == "gpu_allocated" else "cpu"
             holders = largest_live_tensors(device_type, weight_ids or set())
-            report = LeakReport(label, metric, before, after, threshold, holders, report.at, judge)
+            report = LeakReport(label, metric, before, after, threshold, holders, report.at, judge, left)
             logger.warning("%s; largest live tensors: %s", report.line(), "; ".join(holders) or "none found")
         else:
             logger.debug(report.line())

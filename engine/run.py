@@ -1,0 +1,286 @@
+"""One generation's state and what it hands back: the `Run` the runner owns from the resolved request to the
+written sidecar, its progress events, its result, and the small steps around it (encode the prompt, save the
+latents, write the sidecar).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+import decode
+from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError
+from engine.recovery import StepDown
+from engine.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
+from families import get_family
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["loading", "compiling", "encoding", "denoising", "decoding", "saving", "finishing", "done"]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    stage: Stage
+    step: int = 0
+    total: int = 0
+    message: str = ""
+    eta_s: float | None = None
+    preview: Any = None  # denoising: a latent preview (H, W, 3) uint8, when one was made at this step
+
+
+class Cancelled(Exception):
+    """The person pressed Stop; nothing is wrong."""
+
+
+class RunFailed(RuntimeError):
+    """A run could not finish for a reason outside the request (disk full, ...). The message says what to do."""
+
+
+@dataclass
+class RunResult:
+    video_path: Path
+    sidecar_path: Path
+    latents_path: Path | None
+    request: GenerationRequest
+    plan: Plan
+    frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
+    quant: dict | None = None  # what quantization did (bytes before/after, fallback reason)
+    decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
+    experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
+    finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
+    loras: list[dict] = field(default_factory=list)  # the LoRAs applied (engine/lora.py ActiveLora.record)
+    memory_timeline: dict | None = None  # RSS / GPU samples with stage marks (vram_utils/timeline.py)
+    step_cache: dict | None = None  # the step cache and its counts: blocks computed of those called
+
+    @property
+    def final_path(self) -> Path:
+        """The finished video: the last finishing step's output, else the decoded video."""
+        return Path(self.finishing[-1]["video"]) if self.finishing else self.video_path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's results go: the video, and beside it the latents (before decode) and the sidecar."""
+
+    video: Path
+    latents: Path
+    sidecar: Path
+
+    @classmethod
+    def beside(cls, video: Path) -> "RunPaths":
+        return cls(Path(video), latents_path(video), sidecar_path(video))
+
+
+@dataclass(eq=False)
+class Run:
+    """One generation's state, owned by the Runner from the resolved request to the written sidecar."""
+
+    resolved: Any  # engine.resolve.ResolvedRun: what to run, every default filled
+    paths: RunPaths
+    emit: Callable[[ProgressEvent], None]
+    stop: threading.Event | None = None
+    inputs: dict = field(default_factory=dict)  # the pipeline's conditioning (image, video or frame count)
+    plan: Plan = field(default_factory=Plan)  # lowered by each out-of-memory step down
+    stage: Stage = "loading"  # where the run is, for the ladder
+    warnings: list[str] = field(default_factory=list)
+    step_downs: list[StepDown] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    prompt_checked: bool = False  # the prompt-length warning is computed once per run
+    pipe: Any = None  # the pipeline, once loaded
+    mods: list = field(default_factory=list)  # the modifiers on `pipe` now (engine/modifiers.py)
+    latents: torch.Tensor | None = None  # (B, C, F, H, W) in VAE space once denoised: the last safe point
+    stream: decode.StreamingDecode | None = None  # the decode under way (or the one that just failed)
+    stats: decode.DecodeStats | None = None  # the finished decode's
+    # The text encoder run first and freed (plan.release_text_encoder): the prompt's embeddings, kept for retries;
+    # "calibration": MagCache's calibration prompt's, when its ratios must be made first.
+    embeds: dict = field(default_factory=dict)
+    switch_step: int | None = None  # two-expert models: index of the first low-noise denoising step
+    step_cache: Any = None  # engine.stepcache.StepCache of this run (its counters go to the sidecar), or None
+    ratios_key: str = ""  # MagCache: the key its ratios are filed under, and the settings that make it
+    ratios_facts: dict = field(default_factory=dict)
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.resolved.request
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.resolved.spec
+
+    def check_stop(self) -> None:
+        check_stop(self.stop)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+def safe_emitter(on_progress: Callable[[ProgressEvent], None] | None) -> Callable[[ProgressEvent], None]:
+    """Progress is for display: a failing progress callback must not cost the person their run."""
+
+    def emit(event: ProgressEvent) -> None:
+        if on_progress is None:
+            return
+        try:
+            on_progress(event)
+        except Cancelled:
+            raise
+        except Exception:
+            logger.exception("progress callback failed at %s; the run goes on", event.stage)
+
+    return emit
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Cancelled("stopped by request")
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work if results cannot be written (a file in the way, permissions, read-only disk)."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise RequestError(
+            f"outputs folder {str(folder)!r} is not writable ({exc.strerror or exc}); choose another with --outputs-dir"
+        ) from exc
+
+
+def prompt_warnings(pipe, req: GenerationRequest, family: str) -> list[str]:
+    """Warn (the pipeline truncates) when the prompt is longer than the text encoder reads."""
+    limit = max_sequence_length(pipe, family)
+    count = len(pipe.tokenizer(req.prompt, truncation=False).input_ids)
+    if count <= limit:
+        return []
+    message = f"prompt has {count} tokens; the text encoder reads {limit}, so the rest is cut off"
+    logger.warning(message)
+    return [message]
+
+
+def max_sequence_length(pipe, family: str) -> int:
+    """Text tokens the family's pipeline encodes (families/: CogVideoX's must equal the transformer's)."""
+    return get_family(family).max_sequence_length(pipe)
+
+
+def boundary_timestep(pipe) -> float | None:
+    """Two-expert pipelines (Wan 2.2 A14B): the timestep at and above which the high-noise expert runs, as the
+    pipeline computes it (boundary_ratio * num_train_timesteps); None for one transformer."""
+    ratio = pipe.config.get("boundary_ratio") if "transformer_2" in pipe.config else None
+    return None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+
+
+def expert_names(spec: ModelSpec, task: str) -> tuple[str, ...]:
+    """The transformers of a (model, task) pipeline, in the order they run."""
+    from configs.schema import task_experts
+
+    return spec.family_module.denoisers[:task_experts(spec, task)]
+
+
+def experts_record(run: Run) -> dict | None:
+    """What the sidecar says about the two experts: the boundary, the first low-noise step, both guidances."""
+    if run.pipe is None or boundary_timestep(run.pipe) is None:
+        return None
+    req = run.request
+    return {
+        "boundary_ratio": run.pipe.config["boundary_ratio"], "switch_step": run.switch_step,
+        "guidance": req.guidance, "guidance_2": req.guidance if req.guidance_2 is None else req.guidance_2,
+        "experts_in_ram": run.plan.experts_in_ram or 2,
+    }
+
+
+def encode_prompt(pipe, req: GenerationRequest, max_length: int) -> dict:
+    """The prompt's (and the negative prompt's) embeddings, as the pipeline itself makes them."""
+    with torch.inference_mode():
+        embeds, negative = pipe.encode_prompt(
+            prompt=req.prompt, negative_prompt=req.negative_prompt or None, do_classifier_free_guidance=True,
+            max_sequence_length=max_length, device=pipe._execution_device,
+        )
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
+
+def save_or_fail(run: Run) -> None:
+    """The latents on disk before the decode (a decode failure then costs only the decode)."""
+    try:
+        save_latents(run.paths.latents, run.latents, run.request)
+    except OSError as exc:
+        raise RunFailed(
+            f"could not save the latents to {run.paths.latents} ({exc.strerror or exc}); free space and run again"
+        ) from exc
+
+
+def fit_suggestion(req: GenerationRequest, spec, plan: Plan) -> str:
+    """What would make the request fit: the planner's suggestions where it made them, else halve the frames."""
+    fewer = plan.suggested_frames or spec.snap_frames(max(1, (req.frames - 1) // 2 + 1))
+    parts = [f"fewer frames (e.g. --frames {fewer})"] if fewer < req.frames else []
+    if plan.suggested_model:
+        parts.append(f"a smaller model ({plan.suggested_model})")
+    parts.append(f"a smaller size than {req.height}x{req.width}")
+    return ", or ".join(parts)
+
+
+def save_latents(path: Path, z: torch.Tensor, req: GenerationRequest) -> Path:
+    """The latents on disk (atomically), in the one latents format (results.SavedLatents)."""
+    return SavedLatents(z, req).write(path).path
+
+
+def write_sidecar(result: RunResult) -> Path:
+    """The run's sidecar, in the one sidecar format (results.Sidecar)."""
+    return Sidecar(
+        video=result.video_path.name,
+        request=result.request,
+        latents=result.latents_path.name if result.latents_path else None,
+        frames=result.frames,
+        plan=result.plan,
+        decode_settings=result.plan.decode,
+        decode=result.decode,
+        timings=result.timings,
+        measured=result.measured,
+        warnings=result.warnings,
+        step_downs=result.step_downs,
+        quant=result.quant,
+        experts=result.experts,
+        versions=versions(),
+        finishing=result.finishing,
+        loras=result.loras,
+        memory_timeline=result.memory_timeline,
+        step_cache=result.step_cache,
+    ).write(result.sidecar_path)
+
+
+def result_of(run: Run, measured: dict[str, int]) -> RunResult:
+    """The finished run as a RunResult (what the sidecar records)."""
+    import quant
+
+    stats, paths = run.stats, run.paths
+    expert = run.pipe.transformer if run.pipe.transformer is not None else getattr(run.pipe, "transformer_2", None)
+    quant_result = quant.last_result(expert)
+    if quant_result is not None and quant_result.reason:
+        run.warn(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
+    result = RunResult(paths.video, paths.sidecar, paths.latents, run.request, run.plan, stats.frames,
+                       run.timings, measured, run.warnings)
+    from engine.recovery import decode_step_downs
+
+    # The runner's rungs (and those of failed decodes), then the decode's own of the attempt that finished.
+    result.step_downs = [s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]]
+    result.decode = stats.to_dict()
+    result.experts = experts_record(run)
+    result.loras = [dict(a.record) for a in run.resolved.loras]
+    result.step_cache = run.step_cache.stats() if run.step_cache is not None else None
+    result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
+    return result
