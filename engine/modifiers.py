@@ -84,6 +84,7 @@ class Placement:
     plan: Any  # configs.schema.Plan
     name: str = "offload"
     _vae: tuple[torch.nn.Module, dict] | None = None
+    _storage: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def added_bytes(self) -> int:
         return 0
@@ -94,18 +95,36 @@ class Placement:
         vae = getattr(pipe, "vae", None)
         if self._vae is None and isinstance(vae, torch.nn.Module):
             self._vae = (vae, {k: v for k, v in vars(vae).items() if k.startswith(_VAE_FLAGS)})
+        if self.plan.device == "cpu" and not self.plan.disk_offload:
+            self._keep_storage(pipe)
         vram_utils.apply_plan(pipe, self.plan)
 
     def remove(self, pipe) -> None:
         from vram_utils import remove_all_offload
 
         remove_all_offload(pipe)
+        for tensor, data in self._storage.values():
+            if tensor.data is not data:
+                tensor.data = data
+        self._storage = {}
         if self._vae is not None:
             vae, flags = self._vae
             for k in [k for k in vars(vae) if k.startswith(_VAE_FLAGS) and k not in flags]:
                 delattr(vae, k)
             vars(vae).update(flags)
             self._vae = None
+
+    def _keep_storage(self, pipe) -> None:
+        """On the CPU, remember each weight's storage: accelerate's model offload moves weights to the CPU they are
+        already on by copying them into new, differently aligned buffers (under inference mode), and the CPU's
+        matrix kernels sum in another order on them (4e-7 on tiny-wan's transformer), so the next run on the
+        cached model would differ from the same run in a fresh process. `remove` puts the loaded storage back.
+        (On a GPU every rung moves weights into the allocator's aligned blocks, so the rung leaves no trace; the disk
+        rung on the CPU is left out: holding the loaded weights would defeat it.)"""
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                for t in (*module.parameters(), *module.buffers()):
+                    self._storage.setdefault(id(t), (t, t.data))
 
 
 # --------------------------------------------------------------------------- a run's modifiers
@@ -146,8 +165,10 @@ def module_state(module: torch.nn.Module) -> dict[str, tuple]:
             sig.append(("hooks", *registry._hook_order))
         if hasattr(m, "_hf_hook"):
             sig.append(("accelerate hook", type(m._hf_hook).__name__))
-        if m._forward_pre_hooks or m._forward_hooks:
-            sig.append(("torch hooks", len(m._forward_pre_hooks), len(m._forward_hooks)))
+        torch_hooks = sorted(_hook_name(h) for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values()))
+        torch_hooks = [h for h in torch_hooks if h not in LIBRARY_HOOKS]
+        if torch_hooks:
+            sig.append(("torch hooks", *torch_hooks))
         processor = m.__dict__.get("processor")
         if processor is not None:
             sig.append(("processor", type(processor).__name__, str(getattr(processor, "_attention_backend", None))))
@@ -166,6 +187,15 @@ def module_state(module: torch.nn.Module) -> dict[str, tuple]:
         if sig:
             out[path] = tuple(sig)
     return out
+
+
+# torch hooks a library puts on its own modules the first time they run, for good (transformers 5 captures the
+# hidden states a pipeline asks of the CLIP image encoder this way): part of the model, not of a run
+LIBRARY_HOOKS = ("install_output_capuring_hook.<locals>.output_capturing_hook",)
+
+
+def _hook_name(hook) -> str:
+    return getattr(hook, "__qualname__", type(hook).__name__)
 
 
 def fingerprint(pipe) -> dict[str, dict[str, tuple]]:

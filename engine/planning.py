@@ -17,7 +17,7 @@ def plan_run(run, device: "vram_utils.DeviceInfo | None" = None, cache=None) -> 
     needs no second copy)."""
     from engine.finishing import with_finishing
     from engine.lora import lora_reason
-    from engine.stepcache import plan_note
+    from engine.stepcache import denoising_steps, plan_note
     from vram_utils.archs import arch_for
     from vram_utils.estimate import step_cache_bytes, workload_for
 
@@ -33,7 +33,7 @@ def plan_run(run, device: "vram_utils.DeviceInfo | None" = None, cache=None) -> 
     choice = run.step_cache
     if choice is not None and (choice.name != "off" or choice.note):
         kept = step_cache_bytes(arch_for(spec, req.task), workload_for(req, spec)) if choice.name != "off" else 0
-        reasons.append(plan_note(choice, req.steps or 1, kept))
+        reasons.append(plan_note(choice, denoising_steps(req) or 1, kept))
         summary += f", step cache {choice.name}" if choice.name != "off" else ""
     if run.loras:
         reasons.append(lora_reason(run.loras, spec))

@@ -121,7 +121,7 @@ class Runner:
         for note in (*resolved.notes, *notes):  # e.g. a still image given as the video is held for every frame
             run.warn(note)
         if resolved.step_cache.name != "off":
-            run.step_cache = stepcache.StepCache(resolved.step_cache, steps=req.steps)
+            run.step_cache = stepcache.StepCache(resolved.step_cache, steps=stepcache.denoising_steps(req))
 
         # 2. Plan memory: rung, precision, decode settings, with reasons.
         run.plan = self.plan(resolved)
@@ -212,7 +212,7 @@ class Runner:
         the run on: the ratios are a function of the run's settings, never of which run came first."""
         run.emit(ProgressEvent("denoising", message="calibrating MagCache for these settings: one uncached run on "
                                "fixed inputs; its ratios are kept for later runs"))
-        cal = stepcache.StepCache(run.step_cache.choice, steps=run.request.steps, calibrate=True)
+        cal = stepcache.StepCache(run.step_cache.choice, steps=run.step_cache.steps, calibrate=True)
         mods = modifiers.for_run(run.resolved, run.plan, cal)
         modifiers.apply_all(run.pipe, mods)
         try:
@@ -220,8 +220,8 @@ class Runner:
             with torch.inference_mode(), scheduler_shift(run.pipe, run.request.shift):
                 run.pipe(**kwargs)
             ratios = cal.recorded
-            if len(ratios) != run.request.steps:
-                raise RuntimeError(f"MagCache's calibration recorded {len(ratios)} ratios for {run.request.steps} steps")
+            if len(ratios) != cal.steps:
+                raise RuntimeError(f"MagCache's calibration recorded {len(ratios)} ratios for {cal.steps} steps")
         finally:
             modifiers.remove_all(run.pipe, mods)
         stepcache.save_ratios(run.ratios_key, ratios, run.ratios_facts)

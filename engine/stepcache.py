@@ -4,7 +4,7 @@ denoiser of a pipeline, with counters of the block computations they skip. A run
 after it, so the next run on the same cached transformer starts from the model as it was loaded.
 
     choice = choose(request, spec)                       # StepCacheChoice, or RequestError naming why not
-    cache = StepCache(choice, steps=request.steps)       # a modifier: apply(pipe) / remove(pipe)
+    cache = StepCache(choice, denoising_steps(request))  # a modifier: apply(pipe) / remove(pipe)
     ... pipe(...) ...
     sidecar["step_cache"] = cache.stats()
 
@@ -294,6 +294,14 @@ def ratios_key_for(spec, facts: dict) -> str:
     digest = hashlib.sha256(json.dumps({**weights, **facts}, sort_keys=True, default=str).encode()).hexdigest()
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec.folder or spec.id)).name)[-60:]
     return f"{name}-{digest[:16]}"
+
+
+def denoising_steps(req) -> int:
+    """The steps the transformer really runs: all of them, except V2V, which starts part way down the schedule
+    (diffusers' `get_timesteps`: min(int(steps * strength), steps) of them). MagCache counts these."""
+    if req.task != "v2v":
+        return req.steps
+    return min(int(req.steps * req.strength), req.steps)
 
 
 def calibration_inputs(req) -> dict:
