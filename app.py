@@ -590,8 +590,9 @@ def render_optimization(ctx: AppContext) -> OptimizationPanel:
             step_cache = gr.Dropdown(
                 STEP_CACHE_CHOICES, value="", label="Step cache", elem_id="step-cache", allow_custom_value=True,
                 info="reuse transformer work between steps: faster, some quality loss (random weights cannot show "
-                     "it). NAME:NUMBER sets its threshold / interval. Wan: first-block, TaylorSeer, MagCache; "
-                     "CogVideoX: all; Wan V2V: none (its pipeline opens no cache context)",
+                     "it). NAME:NUMBER sets its threshold / interval. Which apply depends on the model and task (Wan: "
+                     "first-block, TaylorSeer, MagCache; CogVideoX: all; Wan V2V: none; first-block needs 2+ blocks, "
+                     "MagCache one transformer): the plan line says when one does not",
             )
             attention, compile_box = render_speed_knobs()
             previews = gr.Checkbox(ctx.runner.previews, label="Latent previews while denoising", elem_id="previews",

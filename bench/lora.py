@@ -1,4 +1,5 @@
-"""What a LoRA change costs on a loaded transformer (our `sync_module`) next to reloading the transformer fresh.
+"""What a LoRA costs per run on a loaded transformer (the `engine.lora.Loras` modifier: loaded before the run,
+unloaded after it) next to reloading the transformer fresh.
 
 Two full-width, reduced-depth transformers with random bf16 weights (built on the meta device and materialised
 tensor by tensor, as bench/host_ram.py's `build_stack` does), saved with `save_pretrained` to a temp folder:
@@ -10,20 +11,31 @@ tensor by tensor, as bench/host_ram.py's `build_stack` does), saved with `save_p
 
 Per model, side by side in one run:
 
-  fresh reload   `from_pretrained(folder, torch_dtype=torch.bfloat16)`: what a LoRA change would cost without
-                 adapters. "warm": the file's pages already in the page cache (every reload after the first);
-                 "cold": the file's pages dropped first (fsync + POSIX_FADV_DONTNEED on that file only). bf16
-                 weights stay memory-mapped after `from_pretrained`, so a plain reload does not read them all; the
-                 "+ touch" rows also read one element of every 4 KiB page of every weight (what the first step would)
-  LoRA cases     `engine.lora.sync_module(PipelineClass, transformer, {adapter: (LoraFile, strength)})` on
-                 the already-loaded transformer: first load of A; A's strength changed; A swapped for B; all
-                 unloaded; the swap again with torch on 1 thread. A and B are random rank-`--rank` peft-format LoRAs (tests/lora_files.py `make_lora`:
-                 Wan's attention + ffn, CogVideoX's attention), different seeds. `lora_file(path)` (reads the file
-                 once for its signature, cached afterwards) is timed on its own.
+  fresh reload   `from_pretrained(folder, torch_dtype=torch.bfloat16)`: what giving a run the base model back
+                 would cost without adapters. "warm": the file's pages already in the page cache (every reload
+                 after the first); "cold": the file's pages dropped first (fsync + POSIX_FADV_DONTNEED on that file
+                 only). bf16 weights stay memory-mapped after `from_pretrained`, so a plain reload does not read
+                 them all; the "+ touch" rows also read one element of every 4 KiB page of every weight (what the
+                 first step would)
+  LoRA cases     what the runner does around every run, on a minimal pipeline holding the already-loaded
+                 transformer (`PipelineClass(transformer=model, everything else None)`, as tests/test_lora.py
+                 builds one): `Loras(active).apply(pipe)` before the run (each LoRA file read, converted by the
+                 family's diffusers loader and loaded into its own peft adapter `fv0`, `fv1`, ..., then
+                 `set_adapters` with the strengths) and `remove(pipe)` after it (peft's `unload_lora`: the base
+                 modules back, bitwise). Cases: LoRA A; LoRAs A and B at once; A at another strength (a strength
+                 change between runs is no special case now: the next run's apply simply uses the new strength).
+                 A and B are random rank-`--rank` peft-format LoRAs (tests/lora_files.py `make_lora`: Wan's
+                 attention + ffn, CogVideoX's attention), different seeds. One untimed apply/remove goes first
+                 (imports, first-call costs). `lora_file(path)` (what resolving a request does: reads the file
+                 once for its signature, cached afterwards) is timed on its own, first call and cached.
 
 Each case is the median of `--reps` runs (the fastest one shown too: the machine may be shared, and the load
-average at the start and end is printed). Ratio = median case / median fresh reload. Then `--cycle` swaps A <-> B with the RSS
-(VmRSS, RssAnon) before and after. `--profile` prints the top functions (cProfile, cumulative) of one swap.
+average at the start and end is printed); apply and remove are timed within the same runs, and "apply + remove"
+is the median of their per-run sums. Ratio = median case / median fresh reload. Then `--cycle` apply/remove
+cycles (alternating A and B) with the RSS (VmRSS, RssAnon) before and after, and a check: one transformer forward
+after the last remove equals the forward taken before any LoRA was loaded (torch.equal) while with A on it
+differs, and no peft adapter or layer is left (`loaded_adapters(module) == []`). `--profile` prints the top
+functions (cProfile, cumulative) of one apply + remove.
 
     flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/lora.py
     flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/lora.py --blocks 4 --rank 32 --reps 5 --cycle 20 --profile
@@ -58,7 +70,7 @@ WAN_1_3B_CONFIG = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
     rope_max_seq_len=1024,
 )
-# name -> (transformer class, config, the pipeline class whose LoRA loader sync_module is given)
+# name -> (transformer class, config, the pipeline class whose LoRA loader converts and loads the files)
 MODELS = {
     "cogvideox-2b": ("CogVideoXTransformer3DModel", COGVIDEOX_2B_CONFIG, "CogVideoXPipeline"),
     "wan2.1-1.3b": ("WanTransformer3DModel", WAN_1_3B_CONFIG, "WanPipeline"),
@@ -163,79 +175,108 @@ def reload_rows(cls, folder: Path, reps: int) -> list[tuple[str, float, list[flo
     return rows
 
 
-def lora_rows(pipe_cls, model, files: tuple, reps: int) -> list[tuple[str, float, list[float]]]:
-    """sync_module times on the loaded `model`: first load of A, strength change, swap A -> B, unload all."""
-    from engine.lora import sync_module
+def lora_rows(pipe, files: tuple, reps: int) -> list[tuple[str, float, list[float]]]:
+    """Per-run LoRA costs on the pipeline's loaded transformer: `Loras(active).apply(pipe)` and `.remove(pipe)`, for
+    A, A + B, and A at another strength (a strength change between runs: the next run's apply with it)."""
+    from engine.lora import ActiveLora
 
     a, b = files
-    only_a = {a.adapter: (a, 1.0)}
-    sync = (lambda wanted: (lambda: sync_module(pipe_cls, model, wanted)))
-    rows = [("LoRA A first load", *median_time(sync(only_a), reps, before=sync({})))]
-    strengths = iter([0.7, 1.0] * reps)
-    rows.append(("LoRA A strength 1.0 <-> 0.7", *median_time(
-        lambda: sync_module(pipe_cls, model, {a.adapter: (a, next(strengths))}), reps, before=None)))
-    sync({})()
-    sync(only_a)()
-    targets = iter([{b.adapter: (b, 1.0)}, only_a] * reps)
-    rows.append(("LoRA swap A <-> B", *median_time(lambda: sync_module(pipe_cls, model, next(targets)), reps)))
-    rows.append(("LoRA swap A <-> B, 1 torch thread", *single_thread(
-        lambda: median_time(lambda: sync_module(pipe_cls, model, next(targets)), reps))))
-    rows.append(("LoRA unload all", *median_time(sync({}), reps, before=sync(only_a))))
+    run_once(pipe, (ActiveLora(a, (1.0,)),))  # warm-up: imports, peft's first-call costs
+    rows = []
+    for label, acts in (("LoRA A", (ActiveLora(a, (1.0,)),)),
+                        ("LoRAs A + B", (ActiveLora(a, (1.0,)), ActiveLora(b, (1.0,)))),
+                        ("LoRA A at 0.7 (strength change)", (ActiveLora(a, (0.7,)),))):
+        gc.collect()
+        runs = [run_once(pipe, acts) for _ in range(reps)]
+        applies, removes = [r[0] for r in runs], [r[1] for r in runs]
+        sums = [x + y for x, y in runs]
+        if label == "LoRA A at 0.7 (strength change)":
+            rows.append((f"{label}: apply + remove", statistics.median(sums), sums))
+            continue
+        rows += [(f"{label}: apply (load)", statistics.median(applies), applies),
+                 (f"{label}: remove (unload_lora)", statistics.median(removes), removes),
+                 (f"{label}: apply + remove (per run)", statistics.median(sums), sums)]
     return rows
 
 
-def single_thread(fn):
-    """`fn()` with torch on one intra-op thread (its many small ops then wait on no other thread), restored after."""
-    import torch
+def run_once(pipe, acts: tuple) -> tuple[float, float]:
+    """What the runner does around one run: the `Loras` modifier applied, then removed; (apply s, remove s)."""
+    from engine.lora import Loras
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(before)
+    mod = Loras(acts)
+    t0 = time.perf_counter()
+    mod.apply(pipe)
+    t1 = time.perf_counter()
+    mod.remove(pipe)
+    return t1 - t0, time.perf_counter() - t1
 
 
-def swap_cycle(pipe_cls, model, files: tuple, n: int) -> str:
-    """`n` swaps A <-> B; the RSS before and after (adapters deleted each time: nothing should pile up)."""
-    from engine.lora import sync_module
+def file_rows(paths: list[Path], reps: int) -> tuple[tuple, list[tuple[str, float, list[float]]]]:
+    """`lora_file(path)` for A and B: the first call (reads and converts each file for its signature) and the
+    cached one (what resolving every later request costs)."""
+    from engine.lora import lora_file
+
+    t0 = time.perf_counter()
+    files = tuple(lora_file(str(p)) for p in paths)
+    rows = [("lora_file(path), first call (x2, A and B)", time.perf_counter() - t0, [])]
+    rows.append(("lora_file(path), cached (x2, A and B)",
+                 *median_time(lambda: [lora_file(str(p)) for p in paths], reps)))
+    return files, rows
+
+
+def apply_cycle(pipe, files: tuple, n: int) -> str:
+    """`n` runs' apply/remove, alternating A and B; the RSS before and after (adapters unloaded each time:
+    nothing should pile up)."""
+    from engine.lora import ActiveLora
 
     a, b = files
-    sync_module(pipe_cls, model, {a.adapter: (a, 1.0)})
+    run_once(pipe, (ActiveLora(a, (1.0,)),))
     gc.collect()
     rss0, anon0 = status_bytes("VmRSS"), status_bytes("RssAnon")
     t0 = time.perf_counter()
     for i in range(n):
-        f = b if i % 2 == 0 else a
-        sync_module(pipe_cls, model, {f.adapter: (f, 1.0)})
+        run_once(pipe, (ActiveLora(b if i % 2 == 0 else a, (1.0,)),))
     took = time.perf_counter() - t0
     gc.collect()
     rss1, anon1 = status_bytes("VmRSS"), status_bytes("RssAnon")
-    sync_module(pipe_cls, model, {})
     mib = 2**20
-    return (f"{n} swaps A<->B in {took:.1f} s: VmRSS {rss0 / mib:.0f} -> {rss1 / mib:.0f} MiB "
-            f"({(rss1 - rss0) / mib:+.0f}), RssAnon {anon0 / mib:.0f} -> {anon1 / mib:.0f} MiB "
+    return (f"{n} apply/remove cycles (A, B alternating) in {took:.1f} s: VmRSS {rss0 / mib:.0f} -> "
+            f"{rss1 / mib:.0f} MiB ({(rss1 - rss0) / mib:+.0f}), RssAnon {anon0 / mib:.0f} -> {anon1 / mib:.0f} MiB "
             f"({(anon1 - anon0) / mib:+.0f})")
 
 
-def profile_swap(pipe_cls, model, files: tuple, top: int = 14) -> str:
-    """cProfile of one swap A -> B (then back, unprofiled): the functions that cost it, cumulative."""
+def profile_run(pipe, files: tuple, top: int = 14) -> str:
+    """cProfile of one apply + remove of A: the functions that cost it, cumulative."""
     import cProfile
     import io
     import pstats
 
-    from engine.lora import sync_module
+    from engine.lora import ActiveLora
 
-    a, b = files
-    sync_module(pipe_cls, model, {a.adapter: (a, 1.0)})
     prof = cProfile.Profile()
     prof.enable()
-    sync_module(pipe_cls, model, {b.adapter: (b, 1.0)})
+    run_once(pipe, (ActiveLora(files[0], (1.0,)),))
     prof.disable()
-    sync_module(pipe_cls, model, {})
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
     return "\n".join(ln for ln in out.getvalue().splitlines() if ln.strip())
+
+
+def forward(model):
+    """One transformer forward on fixed random bf16 inputs (Wan: B, C, F, H, W; CogVideoX: B, F, C, H, W; as
+    tests/test_lora.py's `forward`)."""
+    import torch
+
+    g, cfg = torch.Generator().manual_seed(0), model.config
+    if hasattr(model, "blocks"):
+        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g)
+        text = torch.randn(1, 8, cfg.text_dim, generator=g)
+    else:
+        x = torch.randn(1, 3, cfg.in_channels, 4, 4, generator=g)
+        text = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x.to(torch.bfloat16), encoder_hidden_states=text.to(torch.bfloat16),
+                     timestep=torch.tensor([500]), return_dict=False)[0]
 
 
 # --------------------------------------------------------------------------- one model
@@ -246,7 +287,6 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     import diffusers
     import torch
 
-    from engine.lora import lora_file
     from tests.lora_files import make_lora
 
     cls_name, config, pipe_name = MODELS[name]
@@ -259,20 +299,22 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     file_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows = reload_rows(cls, folder, args.reps)
     model = cls.from_pretrained(folder, torch_dtype=torch.bfloat16).eval()
+    base = forward(model)  # before any LoRA touched the model
+    pipe = pipe_cls(tokenizer=None, text_encoder=None, transformer=model, vae=None, scheduler=None)
     paths = [make_lora(model, work / f"{name}-{x}.safetensors", fmt="peft", rank=args.rank, seed=seed)
              for x, seed in (("A", 1), ("B", 2))]
-    t0 = time.perf_counter()
-    files = tuple(lora_file(str(p)) for p in paths)
-    rows.append(("lora_file(path), first call (x2, A and B)", time.perf_counter() - t0, []))
-    rows += lora_rows(pipe_cls, model, files, args.reps)
+    files, frows = file_rows(paths, args.reps)
+    rows += frows
+    rows += lora_rows(pipe, files, args.reps)
     result = dict(name=name, params=params, file_bytes=file_bytes, build_s=build_s, rows=rows,
                   lora_params=files[0].signature.params, lora_bytes=paths[0].stat().st_size,
-                  shape=_shape(name, config, args.blocks), adapter_check=_adapter_check(pipe_cls, model, files))
+                  shape=_shape(name, config, args.blocks))
     if args.cycle:
-        result["cycle"] = swap_cycle(pipe_cls, model, files, args.cycle)
+        result["cycle"] = apply_cycle(pipe, files, args.cycle)
     if args.profile:
-        result["profile"] = profile_swap(pipe_cls, model, files)
-    del model
+        result["profile"] = profile_run(pipe, files)
+    result["adapter_check"] = _adapter_check(pipe, model, files, base)
+    del pipe, model
     gc.collect()
     return result
 
@@ -284,19 +326,29 @@ def _shape(name: str, config: dict, blocks: int) -> str:
             f"ffn {ffn}, {blocks} blocks")
 
 
-def _adapter_check(pipe_cls, model, files: tuple) -> str:
-    """That the cases did what they say: after loading A then swapping to B, only B is on the model; after
-    unloading, no peft layer is left."""
-    from engine.lora import loaded_adapters, sync_module
+def _adapter_check(pipe, model, files: tuple, base) -> str:
+    """That the cases did what they say: after every apply/remove above, the forward equals the one taken before
+    any LoRA was loaded (bitwise) and no adapter or peft layer is left; with A and B on, both adapters are there
+    and the forward differs (the check can fail); after removing them, bitwise again."""
+    import torch
+
+    from engine.lora import ActiveLora, Loras, loaded_adapters
 
     a, b = files
-    sync_module(pipe_cls, model, {a.adapter: (a, 0.5)})
-    sync_module(pipe_cls, model, {b.adapter: (b, 0.8)})
-    after_swap = sorted(loaded_adapters(model))
-    sync_module(pipe_cls, model, {})
-    leftover = sum(1 for m in model.modules() if "lora" in type(m).__module__.lower())
-    ok = after_swap == [b.adapter] and leftover == 0
-    return f"adapters after swap: {after_swap}; peft layers after unload: {leftover}; {'ok' if ok else 'WRONG'}"
+    after_cycles = torch.equal(forward(model), base)
+    mod = Loras((ActiveLora(a, (1.0,)), ActiveLora(b, (0.8,))))
+    mod.apply(pipe)
+    during, with_lora = loaded_adapters(model), forward(model)
+    mod.remove(pipe)
+    after = forward(model)
+    left = loaded_adapters(model)
+    peft_layers = sum(1 for m in model.modules() if "lora" in type(m).__module__.lower())
+    equal, differs = torch.equal(after, base), not torch.equal(with_lora, base)
+    ok = after_cycles and equal and differs and during == ["fv0", "fv1"] and left == [] and peft_layers == 0
+    return (f"forward after all the cycles == base forward: {after_cycles}; with A + B on: adapters {during}, "
+            f"forward differs: {differs} (max |diff| {(with_lora.float() - base.float()).abs().max().item():.3g}); "
+            f"after remove: torch.equal(forward, base) {equal}, loaded_adapters {left}, peft layers {peft_layers}; "
+            f"{'ok' if ok else 'WRONG'}")
 
 
 # --------------------------------------------------------------------------- report
@@ -327,7 +379,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
             lines.append(f"{r['name']}: {r['cycle']}")
     for r in results:
         if "profile" in r:
-            lines += ["", f"{r['name']}: cProfile of one swap A -> B (cumulative)", r["profile"]]
+            lines += ["", f"{r['name']}: cProfile of one apply + remove of A (cumulative)", r["profile"]]
     return "\n".join(lines)
 
 
@@ -337,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=4, help="transformer blocks of the 30")
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--cycle", type=int, default=20, help="A <-> B swaps with RSS before/after (0: skip)")
-    p.add_argument("--profile", action="store_true", help="cProfile one swap per model")
+    p.add_argument("--cycle", type=int, default=20,
+                   help="apply/remove cycles (A, B alternating) with RSS before/after (0: skip)")
+    p.add_argument("--profile", action="store_true", help="cProfile one apply + remove per model")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     import torch

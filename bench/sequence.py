@@ -32,30 +32,16 @@ def cpu_model() -> str:
 
 
 def setup(folder: Path) -> tuple[dict, dict]:
-    """LoRA files and input media, as tests/test_history.py makes them."""
-    import numpy as np
-    from lora_files import make_lora
-    from PIL import Image
+    """The tiny models, LoRA files and input media (tests/history.py `make_world`, as the test makes them)."""
+    from history import make_world
 
-    from decode.writer import VideoWriter
-    from engine.loaders import load_pipeline
     from engine.tiny import TINY_NAMES, ensure_tiny_model
 
     for name in TINY_NAMES:
         ensure_tiny_model(name)
-    loras = folder / "loras"
-    wan, cog = load_pipeline("tiny-wan", "t2v").transformer, load_pipeline("tiny-cogvideox", "t2v").transformer
-    for i, name in enumerate(("wan_a", "wan_b")):
-        make_lora(wan, loras / f"{name}.safetensors", seed=i + 1, scale=0.5)
-    for i, name in enumerate(("cog_a", "cog_b")):
-        make_lora(cog, loras / f"{name}.safetensors", seed=i + 3, scale=0.5)
-    image, video = folder / "in.png", folder / "in.mp4"
-    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(image)
-    t, y, x = np.arange(9)[:, None, None, None], np.arange(32)[None, :, None, None], np.arange(32)[None, None, :, None]
-    with VideoWriter(video, fps=8) as w:
-        w.write(((x * 8 + y * 4 + t * 20 + np.arange(3) * 60) % 256).astype("uint8"))
-    os.environ["FITVIDEO_LORAS_DIR"] = str(loras)
-    return {"image": str(image), "video": str(video)}, {"FITVIDEO_LORAS_DIR": str(loras)}
+    inputs, env = make_world(folder)
+    os.environ.update(env)
+    return inputs, env
 
 
 def main() -> int:

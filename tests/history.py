@@ -84,6 +84,29 @@ def _fields(rng: random.Random, model: str, inputs: dict[str, str]) -> dict:
     return fields
 
 
+def make_world(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What the cases use: two random LoRAs per family in `folder`/loras, an input image and an input video.
+    Returns (inputs for `draw`, the environment a process needs to find the LoRAs)."""
+    import numpy as np
+    from lora_files import make_lora
+    from PIL import Image
+
+    from decode.writer import VideoWriter
+    from engine.loaders import load_pipeline
+
+    loras = folder / "loras"
+    for model, names, first_seed in (("tiny-wan", LORAS["wan"], 1), ("tiny-cogvideox", LORAS["cogvideox"], 3)):
+        transformer = load_pipeline(model, "t2v").transformer
+        for i, name in enumerate(names):
+            make_lora(transformer, loras / f"{name}.safetensors", seed=first_seed + i, scale=0.5)
+    image, video = folder / "in.png", folder / "in.mp4"
+    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(image)
+    t, y, x = np.arange(9)[:, None, None, None], np.arange(32)[None, :, None, None], np.arange(32)[None, None, :, None]
+    with VideoWriter(video, fps=8) as w:
+        w.write(((x * 8 + y * 4 + t * 20 + np.arange(3) * 60) % 256).astype("uint8"))
+    return {"image": str(image), "video": str(video)}, {"FITVIDEO_LORAS_DIR": str(loras)}
+
+
 def request_of(case: Case):
     from configs.schema import GenerationRequest, LoraChoice
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from history import Case, describe, draw, fresh_outcomes, outcome_of, run_case, shrink
+from history import Case, describe, draw, fresh_outcomes, make_world, outcome_of, run_case, shrink
 
 SEED = 20261207
 # The sequences the issue found, first: a step cache left on a transformer T2V and V2V share; the same for three
@@ -28,31 +28,13 @@ TARGETED = [
 @pytest.fixture(scope="module")
 def world(tiny_models, tmp_path_factory):
     """LoRA files for both families, an input image and video, and the environment a fresh process needs."""
-    import numpy as np
-    from lora_files import make_lora
-    from PIL import Image
-
-    from decode.writer import VideoWriter
-    from engine.loaders import load_pipeline
-
     root = tmp_path_factory.mktemp("history")
-    loras = root / "loras"
-    wan, cog = load_pipeline("tiny-wan", "t2v").transformer, load_pipeline("tiny-cogvideox", "t2v").transformer
-    for i, name in enumerate(("wan_a", "wan_b")):
-        make_lora(wan, loras / f"{name}.safetensors", seed=i + 1, scale=0.5)
-    for i, name in enumerate(("cog_a", "cog_b")):
-        make_lora(cog, loras / f"{name}.safetensors", seed=i + 3, scale=0.5)
-    image = root / "in.png"
-    Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8")).save(image)
-    video = root / "in.mp4"
-    t, y, x = np.arange(9)[:, None, None, None], np.arange(32)[None, :, None, None], np.arange(32)[None, None, :, None]
-    with VideoWriter(video, fps=8) as w:
-        w.write(((x * 8 + y * 4 + t * 20 + np.arange(3) * 60) % 256).astype("uint8"))
+    inputs, env = make_world(root)
     mp = pytest.MonkeyPatch()
-    mp.setenv("FITVIDEO_LORAS_DIR", str(loras))
+    mp.setenv("FITVIDEO_LORAS_DIR", env["FITVIDEO_LORAS_DIR"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the fresh processes run on one thread: the same kernels, the same sums
-    yield {"root": root, "inputs": {"image": str(image), "video": str(video)}, "env": {"FITVIDEO_LORAS_DIR": str(loras)}}
+    yield {"root": root, "inputs": inputs, "env": env}
     torch.set_num_threads(threads)
     mp.undo()
 
