@@ -16,13 +16,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from configs.schema import ModelSpec, RequestError, TaskSpec
-from families import ModelFamily, family_of_pipeline
+from families import DENOISERS, ModelFamily, family_of_pipeline
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_NAMES = ("config.json", "scheduler_config.json", "preprocessor_config.json", "tokenizer_config.json")
-COMPONENTS = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")  # the ones the planner counts
+COMPONENTS = (*DENOISERS, "vae", "text_encoder", "image_encoder")  # the ones the planner counts
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1}
 

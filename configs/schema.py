@@ -81,7 +81,7 @@ class ModelSpec:
     @property
     def experts(self) -> int:
         """Transformers that take turns over the schedule: 2 for Wan 2.2 A14B (`transformer_2` counted), else 1."""
-        return 2 if "transformer_2" in self.params else 1
+        return sum(name in self.params for name in self.family_module.denoisers)
 
     @property
     def family_module(self) -> ModelFamily:
@@ -367,9 +367,10 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
     check_finishing(req)
     _check_loras(req, spec)
     if req.shift is not None:
-        if spec.family != "wan":
-            raise RequestError(f"shift={req.shift!r} is not allowed for {spec.label}: only Wan's flow-matching "
-                               "scheduler has a shift; leave it out")
+        if not spec.family_module.flow_shift:
+            with_shift = ", ".join(f.name for f in FAMILIES.values() if f.flow_shift)
+            raise RequestError(f"shift={req.shift!r} is not allowed for {spec.label}: its scheduler has no flow shift "
+                               f"(families with one: {with_shift}); leave it out")
         _check_number("shift", req.shift, 0.1, 50.0, "use a number from 0.1 to 50 (Wan's default is 3 to 5)")
     return req.replace(
         prompt=prompt, frames=frames, height=height, width=width, fps=int(fps), steps=steps, guidance=float(guidance),
@@ -407,7 +408,7 @@ def _check_loras(req: GenerationRequest, spec: ModelSpec) -> None:
 def task_experts(spec: ModelSpec, task: str) -> int:
     """Experts the (model, task) pipeline runs: 2 for a two-expert model's T2V and I2V; its V2V pipeline
     (diffusers' WanVideoToVideoPipeline has no `transformer_2`) runs the high-noise expert alone."""
-    return 2 if spec.experts == 2 and task in ("t2v", "i2v") else 1
+    return 1 if task in spec.family_module.single_expert_tasks else spec.experts
 
 
 def _guidance_2(req: GenerationRequest, spec: ModelSpec, guidance: float) -> float | None:

@@ -28,7 +28,7 @@ import torch
 
 from configs.schema import DecodeSettings, check_decode
 from decode.causal import CausalDecoder, causal_decoder
-from decode.tiling import TileLayout, blend_weight, plan_tiles
+from vram_utils.tiles import TileLayout, blend_weight, plan_tiles
 from vram_utils.ladder import TILE_FLOOR_PX, DecodeStep, Ladder
 from vram_utils.sizes import is_out_of_memory, release_memory, trim_host_heap
 

@@ -25,6 +25,7 @@ import torch
 from configs.schema import get_model_spec, load_registry
 from engine.loaders import load_shared_pipeline, resolve_dtype
 from engine.modifiers import CleanStates
+from families import DENOISERS
 from vram_utils import module_bytes, release_memory  # noqa: F401  (release_memory: re-exported)
 from vram_utils.planner import HOST_MARGIN_BYTES
 
@@ -32,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 CacheKey = tuple[str, str, str]  # (model, task, quant)
 # Components whose weights may be shared; schedulers hold per-run state and never are.
-SHAREABLE = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
-QUANTIZED = ("transformer", "transformer_2")  # what `quant` changes
+SHAREABLE = (*DENOISERS, "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+QUANTIZED = DENOISERS  # what `quant` changes: the transformers
 
 
 @dataclass

@@ -141,7 +141,7 @@ def component_classes(model: str, task: str) -> dict[str, tuple[str, str]]:
 
 def load_component(model: str, task: str, component: str, dtype: str | torch.dtype | None = None):
     """One component of the (model, task) pipeline from its subfolder, e.g. Wan 2.2's low-noise expert
-    (`WanTransformer3DModel.from_pretrained(folder, subfolder="transformer_2")`) or a released text encoder."""
+    (a Wan 2.2 A14B's low-noise expert, loaded into the pipeline mid-run) or a released text encoder."""
     import importlib
 
     classes = component_classes(model, task)

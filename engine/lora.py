@@ -38,10 +38,13 @@ from configs.schema import LoraChoice, ModelSpec, RequestError, get_model_spec, 
 logger = logging.getLogger(__name__)
 
 LORA_SUFFIX = ".safetensors"
-# diffusers keys after conversion: the family a LoRA targets, from where its blocks live
-_BLOCK_KEYS = {"wan": re.compile(r"^transformer\.blocks\.(\d+)\."),
-               "cogvideox": re.compile(r"^transformer\.transformer_blocks\.(\d+)\.")}
-_LOADERS = {"wan": "WanPipeline", "cogvideox": "CogVideoXPipeline"}  # whose lora_state_dict converts the file
+
+
+def _block_keys() -> dict[str, re.Pattern]:
+    """family -> where its transformer's blocks sit in a converted LoRA's keys (families/: `lora_block_key`)."""
+    from families import FAMILIES
+
+    return {name: re.compile(f.lora_block_key) for name, f in FAMILIES.items() if f.lora_block_key}
 
 
 class LoraError(RequestError):
@@ -97,7 +100,7 @@ class ActiveLora:
 
 
 def loras_dir() -> Path:
-    from engine.tiny import fitvideo_home
+    from configs.paths import fitvideo_home
 
     return Path(os.environ.get("FITVIDEO_LORAS_DIR") or fitvideo_home() / "loras")
 
@@ -154,22 +157,25 @@ def converted_state_dict(path: Path, family: str | None = None) -> dict[str, tor
         raw = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise LoraError(f"LoRA file {path} cannot be read as safetensors ({e}); is the download complete?") from None
-    families = (family,) if family else ("wan", "cogvideox")
-    for fam in families:
+    from families import FAMILIES
+
+    keys = _block_keys()
+    for fam in (family,) if family else tuple(keys):  # each family's converter; its own block keys must result
         try:
-            sd = getattr(diffusers, _LOADERS[fam]).lora_state_dict(dict(raw))
+            sd = getattr(diffusers, FAMILIES[fam].lora_loader).lora_state_dict(dict(raw))
         except Exception as e:  # noqa: BLE001  (a converter that does not know these keys)
             logger.debug("%s's LoRA loader cannot convert %s: %s", fam, path, e)
             continue
-        if any(_BLOCK_KEYS[f].match(k) for k in sd for f in families):
+        if any(keys[fam].match(k) for k in sd):
             return sd
-    raise LoraError(f"LoRA file {path} holds no LoRA layers for a CogVideoX or Wan transformer "
-                    f"(first keys: {', '.join(list(raw)[:3]) or 'none'})")
+    raise LoraError(f"LoRA file {path} holds no LoRA layers for a transformer of a known family "
+                    f"({', '.join(keys)}; first keys: {', '.join(list(raw)[:3]) or 'none'})")
 
 
 def _signature(sd: dict[str, torch.Tensor]) -> LoraSignature:
-    family = next((f for f, rx in _BLOCK_KEYS.items() if any(rx.match(k) for k in sd)), "")
-    blocks = [int(m.group(1)) for k in sd if (m := _BLOCK_KEYS[family].match(k))]
+    keys = _block_keys()
+    family = next((f for f, rx in keys.items() if any(rx.match(k) for k in sd)), "")
+    blocks = [int(m.group(1)) for k in sd if (m := keys[family].match(k))]
     q = next((v for k, v in sd.items() if ".attn1.to_q.lora_A" in k), None)
     downs = [v for k, v in sd.items() if ".lora_A." in k]
     if q is None or not downs:

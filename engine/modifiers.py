@@ -95,7 +95,7 @@ class Placement:
         vae = getattr(pipe, "vae", None)
         if self._vae is None and isinstance(vae, torch.nn.Module):
             self._vae = (vae, {k: v for k, v in vars(vae).items() if k.startswith(_VAE_FLAGS)})
-        if self.plan.device == "cpu" and not self.plan.disk_offload:
+        if self.plan.device == "cpu" and self.plan.offload == "model" and not self.plan.disk_offload:
             self._keep_storage(pipe)
         vram_utils.apply_plan(pipe, self.plan)
 
@@ -114,13 +114,18 @@ class Placement:
             vars(vae).update(flags)
             self._vae = None
 
+    def forget(self, module: torch.nn.Module) -> None:
+        """A component about to be freed mid-run (one expert in RAM): its loaded storage must not be kept alive."""
+        ids = {id(t) for t in (*module.parameters(), *module.buffers())}
+        self._storage = {k: v for k, v in self._storage.items() if k not in ids}
+
     def _keep_storage(self, pipe) -> None:
         """On the CPU, remember each weight's storage: accelerate's model offload moves weights to the CPU they are
         already on by copying them into new, differently aligned buffers (under inference mode), and the CPU's
         matrix kernels sum in another order on them (4e-7 on tiny-wan's transformer), so the next run on the
         cached model would differ from the same run in a fresh process. `remove` puts the loaded storage back.
-        (On a GPU every rung moves weights into the allocator's aligned blocks, so the rung leaves no trace; the disk
-        rung on the CPU is left out: holding the loaded weights would defeat it.)"""
+        Only model offload copies on the CPU (group and leaf-level offload leave CPU weights where they are); on a
+        GPU every rung moves weights into the allocator's aligned blocks, so the rung leaves no trace."""
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 for t in (*module.parameters(), *module.buffers()):

@@ -95,35 +95,22 @@ class Sidecar:
         return {"peak_gpu_bytes": plan.predicted_peak_gpu_bytes, "peak_host_bytes": plan.predicted_peak_host_bytes}
 
     def to_dict(self) -> dict:
-        """The JSON layout: every key version 1 had (same names, same meaning), plus the new ones."""
-        return {
-            "version": self.version,
-            "kind": self.kind,
-            "video": self.video,
-            "latents": self.latents,
-            "frames": self.frames,
-            "request": self.request.to_dict(),
-            "plan": self.plan.to_dict() if self.plan is not None else None,
-            "decode_settings": dataclasses.asdict(self.decode_settings) if self.decode_settings else None,
-            "timings": dict(self.timings),
-            "predicted": self.predicted,
-            "measured": dict(self.measured),
-            "warnings": list(self.warnings),
-            "step_downs": list(self.step_downs),
-            "decode": self.decode,
-            "quant": self.quant,
-            "experts": self.experts,
-            "versions": dict(self.versions),
-            "created": self.created,
-            "finishing": list(self.finishing),
-            "loras": list(self.loras),
-            "memory_timeline": self.memory_timeline,
-            "step_cache": self.step_cache,
-        }
+        """The JSON layout: one key per field (the request, plan and decode settings as dicts), and "predicted"."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, (list, dict)):
+                value = type(value)(value)
+            out[f.name] = value
+        out["predicted"] = self.predicted
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sidecar":
-        """Any version up to this one; ValueError (naming the problem) for what is not a sidecar."""
+        """Any version up to this one; ValueError (naming the problem) for what is not a sidecar. Each field is
+        read by its name; a key this version does not know is left out, a field the file lacks takes its default."""
         if not isinstance(data, dict):
             raise ValueError(f"a sidecar is a JSON object, not {type(data).__name__}")
         version = data.get("version", 1)
@@ -136,30 +123,18 @@ class Sidecar:
             req = GenerationRequest.from_dict(request)
         except TypeError as exc:
             raise ValueError(f"the sidecar's request is not readable ({exc})") from exc
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields and v is not None}
         settings = data.get("decode_settings")
-        return cls(
-            video=video,
-            request=req,
+        values.update(
+            request=req, version=version, created=str(data.get("created", "?")),
+            # version 1 had no "kind": a re-decode is the one without a plan
             kind=data.get("kind") or ("decode" if "decode_settings" in data and not data.get("plan") else "generate"),
-            latents=data.get("latents"),
             frames=int(data.get("frames") or (data.get("decode") or {}).get("frames") or 0),
             plan=_plan_from_dict(data["plan"]) if isinstance(data.get("plan"), dict) else None,
             decode_settings=_known(DecodeSettings, settings) if isinstance(settings, dict) else None,
-            decode=data.get("decode"),
-            timings=dict(data.get("timings") or {}),
-            measured=dict(data.get("measured") or {}),
-            warnings=list(data.get("warnings") or []),
-            step_downs=list(data.get("step_downs") or []),
-            quant=data.get("quant"),
-            experts=data.get("experts"),
-            versions=dict(data.get("versions") or {}),
-            created=str(data.get("created", "?")),
-            version=version,
-            finishing=list(data.get("finishing") or []),
-            loras=list(data.get("loras") or []),
-            memory_timeline=data.get("memory_timeline"),
-            step_cache=data.get("step_cache"),
         )
+        return cls(**values)
 
     def write(self, path: str | Path) -> Path:
         """Write atomically (a temporary name, renamed when complete) as the current version."""

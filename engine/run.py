@@ -18,7 +18,7 @@ import decode
 from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError
 from engine.recovery import StepDown
 from engine.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
-from families import get_family
+from families import DENOISERS, get_family
 
 logger = logging.getLogger(__name__)
 
@@ -45,28 +45,32 @@ class RunFailed(RuntimeError):
 
 @dataclass
 class RunResult:
+    """A finished run: where its files are, and its sidecar (what it was and how it went, as written next to the
+    video). The sidecar's fields read through: `result.request`, `result.plan`, `result.frames`, `result.timings`..."""
+
     video_path: Path
     sidecar_path: Path
     latents_path: Path | None
-    request: GenerationRequest
-    plan: Plan
-    frames: int
-    timings: dict[str, float] = field(default_factory=dict)
-    measured: dict[str, int] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    step_downs: list[dict] = field(default_factory=list)  # every out-of-memory step down, in order
-    quant: dict | None = None  # what quantization did (bytes before/after, fallback reason)
-    decode: dict | None = None  # the streaming decode's stats (chunks, tiles, its own out-of-memory steps)
-    experts: dict | None = None  # two-expert models: boundary, the first low-noise step, both guidances
-    finishing: list[dict] = field(default_factory=list)  # finishing steps (upscale, interpolate), in order
-    loras: list[dict] = field(default_factory=list)  # the LoRAs applied (engine/lora.py ActiveLora.record)
-    memory_timeline: dict | None = None  # RSS / GPU samples with stage marks (vram_utils/timeline.py)
-    step_cache: dict | None = None  # the step cache and its counts: blocks computed of those called
+    sidecar: Sidecar
+
+    def __getattr__(self, name: str):
+        sidecar = self.__dict__.get("sidecar")
+        if sidecar is not None and name in _SIDECAR_FIELDS:
+            return getattr(sidecar, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def final_path(self) -> Path:
         """The finished video: the last finishing step's output, else the decoded video."""
         return Path(self.finishing[-1]["video"]) if self.finishing else self.video_path
+
+    def update(self, **changes) -> Path:
+        """The sidecar with `changes`, written again (atomically)."""
+        self.sidecar = dataclasses.replace(self.sidecar, **changes)
+        return self.sidecar.write(self.sidecar_path)
+
+
+_SIDECAR_FIELDS = frozenset(f.name for f in dataclasses.fields(Sidecar))
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def max_sequence_length(pipe, family: str) -> int:
 def boundary_timestep(pipe) -> float | None:
     """Two-expert pipelines (Wan 2.2 A14B): the timestep at and above which the high-noise expert runs, as the
     pipeline computes it (boundary_ratio * num_train_timesteps); None for one transformer."""
-    ratio = pipe.config.get("boundary_ratio") if "transformer_2" in pipe.config else None
+    two = any(name in pipe.config for name in DENOISERS[1:])
+    ratio = pipe.config.get("boundary_ratio") if two else None
     return None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
 
 
@@ -239,48 +244,28 @@ def save_latents(path: Path, z: torch.Tensor, req: GenerationRequest) -> Path:
     return SavedLatents(z, req).write(path).path
 
 
-def write_sidecar(result: RunResult) -> Path:
-    """The run's sidecar, in the one sidecar format (results.Sidecar)."""
-    return Sidecar(
-        video=result.video_path.name,
-        request=result.request,
-        latents=result.latents_path.name if result.latents_path else None,
-        frames=result.frames,
-        plan=result.plan,
-        decode_settings=result.plan.decode,
-        decode=result.decode,
-        timings=result.timings,
-        measured=result.measured,
-        warnings=result.warnings,
-        step_downs=result.step_downs,
-        quant=result.quant,
-        experts=result.experts,
-        versions=versions(),
-        finishing=result.finishing,
-        loras=result.loras,
-        memory_timeline=result.memory_timeline,
-        step_cache=result.step_cache,
-    ).write(result.sidecar_path)
-
-
-def result_of(run: Run, measured: dict[str, int]) -> RunResult:
-    """The finished run as a RunResult (what the sidecar records)."""
+def result_of(run: Run, measured: dict[str, int], timeline: dict | None) -> RunResult:
+    """The finished run as a RunResult, its sidecar written."""
     import quant
 
+    from engine.recovery import decode_step_downs
+
     stats, paths = run.stats, run.paths
-    expert = run.pipe.transformer if run.pipe.transformer is not None else getattr(run.pipe, "transformer_2", None)
+    expert = next((m for m in (getattr(run.pipe, n, None) for n in DENOISERS) if m is not None), None)
     quant_result = quant.last_result(expert)
     if quant_result is not None and quant_result.reason:
         run.warn(quant_result.reason)  # e.g. fp8 fell back to fp8-storage on this GPU
-    result = RunResult(paths.video, paths.sidecar, paths.latents, run.request, run.plan, stats.frames,
-                       run.timings, measured, run.warnings)
-    from engine.recovery import decode_step_downs
-
-    # The runner's rungs (and those of failed decodes), then the decode's own of the attempt that finished.
-    result.step_downs = [s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]]
-    result.decode = stats.to_dict()
-    result.experts = experts_record(run)
-    result.loras = [dict(a.record) for a in run.resolved.loras]
-    result.step_cache = run.step_cache.stats() if run.step_cache is not None else None
-    result.quant = dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None
+    sidecar = Sidecar(
+        video=paths.video.name, request=run.request, latents=paths.latents.name, frames=stats.frames, plan=run.plan,
+        decode_settings=run.plan.decode, decode=stats.to_dict(), timings=run.timings, measured=measured,
+        warnings=run.warnings,
+        # the runner's rungs (and those of failed decodes), then the decode's own of the attempt that finished
+        step_downs=[s.to_dict() for s in [*run.step_downs, *decode_step_downs(stats)]],
+        quant=dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None,
+        experts=experts_record(run), versions=versions(), loras=[dict(a.record) for a in run.resolved.loras],
+        memory_timeline=timeline,
+        step_cache=run.step_cache.stats() if run.step_cache is not None else None,
+    )
+    result = RunResult(paths.video, paths.sidecar, paths.latents, sidecar)
+    sidecar.write(paths.sidecar)
     return result

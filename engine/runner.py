@@ -37,7 +37,7 @@ from engine.results import sidecar_path
 from engine.run import (  # noqa: F401  (ProgressEvent, Cancelled, RunFailed, RunResult: this module's API too)
     Cancelled, ProgressEvent, Run, RunFailed, RunPaths, RunResult, boundary_timestep, check_writable, encode_prompt,
     expert_names, fit_suggestion, max_sequence_length, prompt_warnings, result_of, safe_emitter, save_latents,
-    save_or_fail, write_sidecar,
+    save_or_fail,
 )
 from families import get_family
 from vram_utils import release_memory
@@ -134,11 +134,10 @@ class Runner:
                     run.warn(reason)
 
         # 3-7, with the out-of-memory ladder; memory sampled into a timeline with the stages marked.
-        with MemoryTimeline(gpu_index=gpu_index_of(run.plan.device)) as timeline:
+        with MemoryTimeline(gpu_index=gpu_index_of(run.plan.device), peaks=True) as timeline:
             run.emit = timeline.tap(run.emit)
-            with vram_utils.PeakMeter() as meter:
-                self._attempts(run)
-            return self._finish(run, meter.to_dict(), timeline)
+            self._attempts(run)
+            return self._finish(run, timeline.measured(), timeline)
 
     def _attempts(self, run: Run) -> None:
         """Steps 3-7, retried one rung lower after an out-of-memory, from the last safe point."""
@@ -367,17 +366,21 @@ class Runner:
 
     def _next_expert(self, run: Run, pipe, i: int, boundary: float) -> None:
         """One expert in RAM: after the last high-noise step, free the high-noise expert (the cache drops it, its
-        memory goes first) and load the low-noise one; the loop reads `pipe.transformer_2` at its next step."""
+        memory goes first) and load the low-noise one; the loop reads the second expert at its next step."""
         timesteps = pipe.scheduler.timesteps
-        if pipe.transformer_2 is not None or i + 1 >= len(timesteps) or timesteps[i + 1] >= boundary:
+        high, low = expert_names(run.spec, run.request.task)[:2]
+        if getattr(pipe, low) is not None or i + 1 >= len(timesteps) or timesteps[i + 1] >= boundary:
             return
         req = run.request
         run.emit(ProgressEvent("denoising", i + 1, req.steps, "switching experts: freeing the high-noise expert, "
                                "loading the low-noise one"))
+        for m in run.mods:  # the expert about to be freed: no modifier may keep its weights alive
+            if hasattr(m, "forget"):
+                m.forget(getattr(pipe, high))
         with torch.inference_mode(False):  # weights loaded here are kept past this run: no inference tensors
-            loaded = self.cache.get(req.model, req.task, req.quant, without=("transformer",))
+            loaded = self.cache.get(req.model, req.task, req.quant, without=(high,))
         if loaded is not pipe:  # the cache let go of this pipeline mid-run (unloaded): hand the expert over
-            pipe.register_modules(transformer=None, transformer_2=loaded.transformer_2)
+            pipe.register_modules(**{high: None, low: getattr(loaded, low)})
         with torch.inference_mode(False):
             modifiers.apply_all(pipe, run.mods)  # the new expert gets the run's modifiers, the offload rung last
 
@@ -401,13 +404,10 @@ class Runner:
         run.timings["decode_s"] = run.stats.seconds
         run.timings["total_s"] = time.perf_counter() - run.started
         run.emit(ProgressEvent("saving", message=f"saving {run.paths.video.name}"))
-        result = result_of(run, measured)
-        result.memory_timeline = timeline.to_dict() if timeline is not None else None
-        write_sidecar(result)
+        result = result_of(run, measured, timeline.to_dict() if timeline is not None else None)
         # 9. Finishing steps (upscale, interpolate): new files beside the video, which is kept as it is.
         if self._finishing(run, result):
-            result.memory_timeline = timeline.to_dict() if timeline is not None else None
-            write_sidecar(result)
+            result.update(memory_timeline=timeline.to_dict() if timeline is not None else None)
         run.emit(ProgressEvent("done", message=str(result.final_path)))
         return result
 

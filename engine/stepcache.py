@@ -322,7 +322,7 @@ def calibration_inputs(req) -> dict:
 
 
 def ratios_path(key: str) -> Path:
-    from engine.tiny import fitvideo_home
+    from configs.paths import fitvideo_home
 
     return fitvideo_home() / "magcache" / f"{key}.json"
 

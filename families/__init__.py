@@ -1,8 +1,8 @@
 """Model families: one module each (families/cogvideox.py, families/wan.py) that every layer asks.
 
 The bottom of the house: imports nothing of FitVideo's, loads nothing at import. Adding a family is one
-module here plus its entries in configs/models.yaml (and its chunked decoder in decode/causal.py when its
-VAE is a new class).
+module here (with its VAE's streaming decoder beside it in <name>_vae.py when its VAE is a new class) plus its
+entries in configs/models.yaml.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from families.base import (  # noqa: F401
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (cogvideox.FAMILY, wan.FAMILY)}
+# Every transformer component name any family's pipelines have, in running order ("transformer", then a second
+# expert's): what quantization, the disk rung and the estimator treat as the denoiser, without naming a family.
+DENOISERS: tuple[str, ...] = tuple(dict.fromkeys(n for f in FAMILIES.values() for n in f.denoisers))
 
 
 def get_family(name: str) -> ModelFamily:

@@ -9,8 +9,11 @@ A family answers, from one module (families/cogvideox.py, families/wan.py):
   - the architecture numbers the memory estimator needs, built from component configs (the diffusers
     `config.json` keys, given in models.yaml for registry models or read from a local folder) and parameter
     counts (models.yaml, or a local folder's safetensors headers)
-The chunked causal decoder of each VAE class is in decode/causal.py (it is decode machinery); the
-family names its VAE class and its own decode chunk, which is how the decoder is found.
+  - the streaming decoder of its VAE (`causal_decoder`: the walk through the VAE's blocks, beside the family
+    module in families/<name>_vae.py), and its tiny twin (`build_tiny`)
+  - what the run's modifiers need: its transformers (`denoisers`), LoRA key layout and loader, which step caches
+    apply per task and why not, whether attention goes through diffusers' dispatcher, repeated blocks for compile,
+    the flow shift, the layers quantization keeps
 
 Nothing here imports the rest of FitVideo; torch and diffusers are imported inside the methods that
 touch a pipeline, so the facts load anywhere.
@@ -164,6 +167,24 @@ class ModelFamily:
     attention_dispatched: bool = True
     # the transformer declares `_repeated_blocks` (diffusers' compile_repeated_blocks needs them)
     repeated_blocks: bool = False
+    # tasks whose pipeline runs the first expert alone even on a two-expert model (Wan's V2V pipeline has one
+    # transformer)
+    single_expert_tasks: tuple[str, ...] = ()
+
+    # LoRAs (engine/lora.py): the pipeline class whose `lora_state_dict` converts a file's keys to diffusers', and
+    # where the transformer's blocks sit in the converted keys (the family, width and depth a LoRA targets)
+    lora_loader: str = ""
+    lora_block_key: str = ""  # a regex with the block index as group 1
+    flow_shift: bool = False  # the scheduler takes a flow shift (a request's `shift`)
+    # Layers quantization keeps in the loaded dtype (quant/quantize.py): regexes searched in module names
+    quant_keep: tuple[str, ...] = ()
+
+    # Tiny twins (random weights, offline): their names; `build_tiny(name)` makes their pipelines in memory
+    tiny_twins: tuple[str, ...] = ()
+
+    def build_tiny(self, name: str) -> dict[str, object]:
+        """The in-memory pipelines of tiny twin `name`, keyed by folder ("t2v", "i2v"; V2V reads the t2v one)."""
+        raise NotImplementedError
 
     def step_cache_problems(self, task: str) -> dict[str, str]:
         """Step cache name -> why it does not apply to this family's `task` pipeline (absent: it applies)."""
@@ -225,6 +246,11 @@ class ModelFamily:
         return fallback_rgb_projection(channels)
 
     def vae_spatial_ratio(self, vae) -> int:
+        raise NotImplementedError
+
+    def causal_decoder(self, vae):
+        """The streaming decoder for this family's VAE (families/causal.py `CausalDecoder`; the family's own in
+        families/<name>_vae.py, imported here so that the facts load without torch)."""
         raise NotImplementedError
 
     def enable_vae_tiling(self, vae, tile: tuple[int | None, int | None], stride: tuple[int | None, int | None]) -> None:

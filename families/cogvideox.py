@@ -11,7 +11,7 @@
 - Latent preview: kijai's ComfyUI-CogVideoXWrapper factors (ComfyUI itself publishes none for CogVideoX),
   hand-tuned; COGVIDEOX_RGB_FACTORS below says where from, for which latent space, and how it is converted.
 - VAE: AutoencoderKLCogVideoX, 8x spatial / 4x temporal; diffusers decodes 2 latent frames per chunk (the
-  remainder joins the first). Chunked causal decode: decode/causal.py `CogVideoXCausal`.
+  remainder joins the first). Chunked causal decode: families/cogvideox_vae.py `CogVideoXCausal`.
 - diffusers' tiling keeps `tile - int(tile * f)` pixel rows per tile but steps `int(L * (1 - f))` latent rows,
   so most custom tile sizes come out the wrong size: `enable_vae_tiling` picks overlap factors that agree.
 - Memory: activation coefficients measured on the real architectures with random weights
@@ -20,13 +20,17 @@
 from __future__ import annotations
 
 from families.base import ModelFamily, TransformerArch, VaeArch, VaeProfile
+from families.tiny import TEXT_DIM, TINY_SEED, make_tokenizer, t5_config
+
+TINY_TEXT_LEN = 16  # the tiny twin: the pipeline's max_sequence_length must equal the transformer's max_text_seq_length
+TINY_I2V_SIZE = (32, 32)  # the tiny twin's learned positional embeddings fix its I2V resolution
 
 # Measured live-tensor peaks (element units per pixel), see VaeProfile.
 VAE_FULL = VaeProfile(
     decode_elems_per_px=22_787.0, decode_elems_per_px_single_chunk=17_132.0, decode_elems_per_px_one_frame=5_168.0,
     encode_elems_per_px=9_472.0,
 )
-VAE_TINY = VaeProfile(  # engine/tiny.py's miniature (8 channels), float32
+VAE_TINY = VaeProfile(  # the tiny twin's VAE (8 channels, build_tiny), float32
     decode_elems_per_px=1_416.0, decode_elems_per_px_single_chunk=1_037.0, decode_elems_per_px_one_frame=183.0,
     encode_elems_per_px=309.0, cpu_im2col_elems_per_px=1_525.0,
 )
@@ -88,6 +92,12 @@ class CogVideoX(ModelFamily):
     # CogVideoXAttnProcessor2_0 calls F.scaled_dot_product_attention directly: a backend set on the model would do
     # nothing until engine/attention.py routes the call through the dispatcher
     attention_dispatched = False
+    lora_loader = "CogVideoXPipeline"
+    lora_block_key = r"^transformer\.transformer_blocks\.(\d+)\."
+    # patch_embed (conv + text_proj), positional and time embeddings. Deliberately NOT kept: the AdaLN modulation
+    # Linears (`norm1.linear`, `norm2.linear`): 21 % of CogVideoX-2b's weights; keeping them would cut the fp8 saving
+    # from ~50 % to ~40 %.
+    quant_keep = (r"patch_embed", r"pos_embed", r"time_embed")
 
     # ---------------------------------------------------------------- facts from configs
     def folder_defaults(self, configs) -> dict:
@@ -155,6 +165,11 @@ class CogVideoX(ModelFamily):
     def vae_spatial_ratio(self, vae) -> int:
         return 2 ** (len(vae.config.block_out_channels) - 1)
 
+    def causal_decoder(self, vae):
+        from families.cogvideox_vae import CogVideoXCausal
+
+        return CogVideoXCausal(vae)
+
     def enable_vae_tiling(self, vae, tile, stride) -> None:
         # stride: diffusers' CogVideoX tiling has no stride; the overlap factor below plays its part
         ratio = self.vae_spatial_ratio(vae)
@@ -164,6 +179,49 @@ class CogVideoX(ModelFamily):
                 kwargs[f"tile_sample_min_{axis}"] = px
                 kwargs[f"tile_overlap_factor_{axis}"] = overlap_factor(px, ratio, default)
         vae.enable_tiling(**kwargs)
+
+
+    # ---------------------------------------------------------------- the tiny twin
+    tiny_twins = ("tiny-cogvideox",)
+
+    def build_tiny(self, name: str) -> dict[str, object]:
+        import torch
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline
+        from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+        from transformers import T5Config, T5EncoderModel
+
+        torch.manual_seed(TINY_SEED)
+        tokenizer = make_tokenizer(TINY_TEXT_LEN)
+        text_encoder = T5EncoderModel(t5_config(T5Config, len(tokenizer)))
+        vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        )
+        common = dict(
+            num_attention_heads=2,
+            attention_head_dim=16,  # rotary (I2V) splits it 4/6/6 over t/h/w: each share must be even
+            out_channels=4, time_embed_dim=2, text_embed_dim=TEXT_DIM, num_layers=1, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=TINY_TEXT_LEN,
+        )
+        transformer = CogVideoXTransformer3DModel(in_channels=4, sample_width=4, sample_height=4, **common)
+        h, w = TINY_I2V_SIZE
+        transformer_i2v = CogVideoXTransformer3DModel(
+            in_channels=8,  # noise latents + image latents
+            sample_height=h // 8, sample_width=w // 8,
+            use_rotary_positional_embeddings=True,  # as CogVideoX-5b-I2V: rotary + learned
+            use_learned_positional_embeddings=True, **common,
+        )
+        scheduler = CogVideoXDDIMScheduler(  # the CogVideoX-2b scheduler config
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+            timestep_spacing="trailing",
+        )
+        shared = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+        return {
+            "t2v": CogVideoXPipeline(transformer=transformer, scheduler=scheduler, **shared),
+            "i2v": CogVideoXImageToVideoPipeline(transformer=transformer_i2v, scheduler=scheduler, **shared),
+        }
 
 
 def overlap_factor(tile_px: int, ratio: int, default: float) -> float:

@@ -13,13 +13,14 @@
 - Latent preview: ComfyUI's published `Wan21` / `Wan22` latent -> RGB factors, on the normalised latents as
   the pipeline keeps them (WAN21_RGB_FACTORS below says where from and why no transform).
 - VAE: AutoencoderKLWan, causal frame by frame (one latent frame per chunk), 8x spatial (Wan 2.2: 16x, with
-  a patchified 48-channel latent) and 4x temporal. Chunked causal decode: decode/causal.py `WanCausal`.
+  a patchified 48-channel latent) and 4x temporal. Chunked causal decode: families/wan_vae.py `WanCausal`.
 - Memory: activation coefficients measured on the real architectures with random weights
   (bench/plan_accuracy.py --calibrate); parameter counts are in configs/models.yaml.
 """
 from __future__ import annotations
 
 from families.base import ModelFamily, TransformerArch, VaeArch, VaeProfile
+from families.tiny import TEXT_DIM, TINY_SEED, make_tokenizer, t5_config
 
 VAE_21 = VaeProfile(
     decode_elems_per_px=5_033.0, decode_elems_per_px_single_chunk=1_737.0, decode_elems_per_px_one_frame=1_737.0,
@@ -32,7 +33,7 @@ VAE_22 = VaeProfile(
     decode_elems_per_px_one_frame=1_737.0 * 256 / 96, encode_elems_per_px=3_689.0 * 160 / 96,
     cpu_extra_elems_per_px=120.0 * 256 / 96,
 )
-VAE_TINY = VaeProfile(  # engine/tiny.py's miniature (3 channels), float32
+VAE_TINY = VaeProfile(  # the tiny twins' VAE (3 channels, build_tiny), float32
     decode_elems_per_px=78.0, decode_elems_per_px_single_chunk=27.0, decode_elems_per_px_one_frame=27.0,
     encode_elems_per_px=63.0, cpu_im2col_elems_per_px=321.0,
 )
@@ -40,6 +41,13 @@ VAE_TINY = VaeProfile(  # engine/tiny.py's miniature (3 channels), float32
 VAE_PROFILES = {(96, 16): VAE_21, (256, 48): VAE_22, (3, 16): VAE_TINY}
 FULL_TOP_CHANNELS = 96
 MAX_TEXT_TOKENS = 512
+TINY_TEXT_LEN = 32
+TINY_MOE_BOUNDARY = 0.875  # tiny-wan-moe switches experts where Wan 2.2 T2V A14B does (its I2V A14B: 0.9)
+# the tiny twins' transformer (tiny-wan's, and each expert of tiny-wan-moe)
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, out_channels=16, text_dim=TEXT_DIM,
+    freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+)
 
 # Latent preview factors: ComfyUI comfy/latent_formats.py, classes `Wan21` and `Wan22` (`latent_rgb_factors`,
 # `latent_rgb_factors_bias`),
@@ -98,6 +106,11 @@ class Wan(ModelFamily):
     latent_rgb_bias = WAN21_RGB_BIAS
     denoisers = ("transformer", "transformer_2")  # Wan 2.2 A14B: high-noise then low-noise expert
     repeated_blocks = True
+    single_expert_tasks = ("v2v",)  # diffusers' WanVideoToVideoPipeline has no second expert
+    lora_loader = "WanPipeline"  # converts kohya / musubi `lora_unet_*` and original-Wan `diffusion_model.*` files
+    lora_block_key = r"^transformer\.blocks\.(\d+)\."
+    flow_shift = True
+    quant_keep = (r"patch_embedding", r"condition_embedder")  # the input projection; time / text / image embedders
 
     def step_cache_problems(self, task: str) -> dict[str, str]:
         split = ("Wan runs cond and uncond as two transformer calls; {} keeps one cache per attention layer, so a "
@@ -170,6 +183,11 @@ class Wan(ModelFamily):
     def vae_spatial_ratio(self, vae) -> int:
         return self._spatial(dict(vae.config))
 
+    def causal_decoder(self, vae):
+        from families.wan_vae import WanCausal
+
+        return WanCausal(vae)
+
     def enable_vae_tiling(self, vae, tile, stride) -> None:
         ratio = self.vae_spatial_ratio(vae)
 
@@ -184,6 +202,56 @@ class Wan(ModelFamily):
             tile_sample_min_height=tile[0], tile_sample_min_width=tile[1],
             tile_sample_stride_height=step(tile[0], stride[0]), tile_sample_stride_width=step(tile[1], stride[1]),
         )
+
+
+    # ---------------------------------------------------------------- the tiny twins
+    # tiny-wan: Wan 2.1 in miniature, with a CLIP image encoder for I2V. tiny-wan-moe: Wan 2.2 A14B in miniature, two
+    # experts (other random weights each) switching at TINY_MOE_BOUNDARY; its I2V, like Wan 2.2 I2V A14B, has no image
+    # encoder (the image reaches the transformer only through the VAE latents: in_channels 36, no image_dim). Both
+    # draw the text encoder and the VAE first from the same seed: their weights are equal.
+    tiny_twins = ("tiny-wan", "tiny-wan-moe")
+
+    def build_tiny(self, name: str) -> dict[str, object]:
+        from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+
+        shared = self._tiny_shared(moe=name == "tiny-wan-moe")
+        # the Wan 2.1 scheduler config (flow matching, UniPC)
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                            num_train_timesteps=1000, flow_shift=3.0)
+        if name == "tiny-wan-moe":
+            high, low, high_i2v, low_i2v = shared.pop("experts")
+            shared.update(scheduler=scheduler, boundary_ratio=TINY_MOE_BOUNDARY)
+            return {"t2v": WanPipeline(transformer=high, transformer_2=low, **shared),
+                    "i2v": WanImageToVideoPipeline(transformer=high_i2v, transformer_2=low_i2v, image_encoder=None,
+                                                   image_processor=None, **shared)}
+        transformer, transformer_i2v, image_encoder, image_processor = shared.pop("experts")
+        return {"t2v": WanPipeline(transformer=transformer, scheduler=scheduler, **shared),
+                "i2v": WanImageToVideoPipeline(transformer=transformer_i2v, scheduler=scheduler,
+                                               image_encoder=image_encoder, image_processor=image_processor, **shared)}
+
+    @staticmethod
+    def _tiny_shared(moe: bool = False) -> dict:
+        """Tokenizer, text encoder, VAE, then ("experts") the transformers in the order their weights are drawn."""
+        import torch
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        torch.manual_seed(TINY_SEED)
+        tokenizer = make_tokenizer(TINY_TEXT_LEN)
+        text_encoder = UMT5EncoderModel(t5_config(UMT5Config, len(tokenizer)))
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        if moe:  # each expert its own random draw: the high- and low-noise experts differ, as in the real model
+            experts = [WanTransformer3DModel(in_channels=c, **TINY_TRANSFORMER) for c in (16, 16, 36, 36)]
+        else:
+            experts = [WanTransformer3DModel(in_channels=16, **TINY_TRANSFORMER),
+                       WanTransformer3DModel(in_channels=36, image_dim=4, **TINY_TRANSFORMER),  # noise+image+mask
+                       CLIPVisionModelWithProjection(CLIPVisionConfig(
+                           hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                           intermediate_size=16, patch_size=1)),
+                       CLIPImageProcessorPil(crop_size=32, size=32)]  # the PIL backend: no torchvision needed
+        return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, experts=experts)
 
 
 FAMILY = Wan()

@@ -4,7 +4,7 @@ Models: Real-ESRGAN-class files loaded with spandrel, which recognises the archi
 (so other ESRGAN-family files work too). Without weights on the machine, `auto` falls back to a Lanczos
 resize (no model), and says so.
 
-Tiles come from decode.tiling's planner with the scale as its factor (input pixels play the latent's part):
+Tiles come from vram_utils.tiles's planner with the scale as its factor (input pixels play the latent's part):
 the output is exactly scale x the input, and overlapping tiles are blended with weights that sum to one. An
 out-of-memory halves the tile on the one ladder (vram_utils.ladder: the same floor and halving as the
 decode) and retries the frame.
@@ -219,7 +219,7 @@ class TileState:
 
     def buffers(self, layout) -> tuple:
         """(output (3, H*s, W*s) float32, {(y0, x0): weight}) for `layout`, made once per layout."""
-        from decode.tiling import blend_weight
+        from vram_utils.tiles import blend_weight
         import torch
 
         if self._buffers.get("layout") != layout:
@@ -237,7 +237,7 @@ class TileState:
                               tile_stride_y=s)
 
     def layout(self, height: int, width: int, scale: int):
-        from decode.tiling import plan_tiles
+        from vram_utils.tiles import plan_tiles
 
         d = self.settings()
         tile = (d.tile_y, d.tile_x) if d.enable_vae_tiling else None

@@ -22,6 +22,8 @@ from enum import Enum
 
 import torch
 
+from families import FAMILIES
+
 from configs.schema import QUANTS, RequestError
 from quant.memory import param_count, release_memory, weight_bytes
 
@@ -46,15 +48,10 @@ FP8_STORAGE_DTYPE = torch.float8_e4m3fn  # 3 mantissa bits: more precision than 
 # text conditioning that every block's modulation is computed from, and the
 # final projection back to latent channels. Norm layers and nn.Embedding are
 # never touched (neither torchao's Linear filter nor layerwise casting selects them).
-# Deliberately NOT kept: CogVideoX's AdaLN modulation Linears (`norm1.linear`,
-# `norm2.linear`). diffusers' default "norm" pattern matches them, but they are
-# 21 % of CogVideoX-2b's weights; keeping them would cut the fp8 saving from
-# ~50 % to ~40 %.
+# Each family names its own (families/: `quant_keep`; e.g. CogVideoX keeps its AdaLN modulation Linears out of
+# the list on purpose); the final AdaLN and the output projection are kept for every family.
 KEEP_PATTERNS: tuple[str, ...] = (
-    r"patch_embed",  # CogVideoX patch_embed (conv + text_proj), Wan patch_embedding
-    r"pos_embed",
-    r"time_embed",  # CogVideoX time_embedding
-    r"condition_embedder",  # Wan time / text / image embedders
+    *dict.fromkeys(p for f in FAMILIES.values() for p in f.quant_keep),
     r"(^|\.)norm_out(\.|$)",  # final AdaLN before the output projection
     r"(^|\.)proj_out$",
 )

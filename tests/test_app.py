@@ -15,13 +15,14 @@ from conftest import read_video
 import app
 from reports.catalog import default_model, model_status, model_statuses
 from reports.text import fmt_bytes
+from ui.context import FitVideoApp, two_experts, with_upload_paths
 
 SEED_MAX = 2**32 - 1
 
 
 @dataclass
 class Served:
-    ui: app.FitVideoApp
+    ui: FitVideoApp
     url: str
     outputs: Path
 
@@ -281,17 +282,17 @@ def test_two_expert_model_end_to_end_with_its_second_guidance(served, client, sa
 
 
 def test_second_guidance_slider_shows_for_two_expert_pipelines_only(served):
-    assert app.two_experts("tiny-wan-moe", "t2v") and app.two_experts("tiny-wan-moe", "i2v")
-    assert not app.two_experts("tiny-wan", "t2v") and not app.two_experts("tiny-cogvideox", "i2v")
-    assert not app.two_experts("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "v2v")  # diffusers' V2V has one transformer
-    assert not app.two_experts("no-such-model", "t2v")
+    assert two_experts("tiny-wan-moe", "t2v") and two_experts("tiny-wan-moe", "i2v")
+    assert not two_experts("tiny-wan", "t2v") and not two_experts("tiny-cogvideox", "i2v")
+    assert not two_experts("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "v2v")  # diffusers' V2V has one transformer
+    assert not two_experts("no-such-model", "t2v")
     tabs = served.ui.task_tabs
     assert {task: tab.guidance_2.visible for task, tab in tabs.items()} == {
-        task: app.two_experts(tab.model.value, task) for task, tab in tabs.items()}
+        task: two_experts(tab.model.value, task) for task, tab in tabs.items()}
     # the page's hidden slider value does not reach a one-transformer model's request
     values = {"model": "tiny-wan", "guidance_2": 4.0}
-    assert app.with_upload_paths(values, "t2v")["guidance_2"] is None
-    assert app.with_upload_paths({**values, "model": "tiny-wan-moe"}, "t2v")["guidance_2"] == 4.0
+    assert with_upload_paths(values, "t2v")["guidance_2"] is None
+    assert with_upload_paths({**values, "model": "tiny-wan-moe"}, "t2v")["guidance_2"] == 4.0
 
 
 def test_reused_settings_are_among_the_choices_of_their_radio_and_dropdown(served):

@@ -17,7 +17,7 @@ import torch
 import decode
 from configs.schema import DecodeSettings
 from decode.causal import causal_decoder
-from decode.tiling import axis_tiles, blend_weight, plan_tiles
+from vram_utils.tiles import axis_tiles, blend_weight, plan_tiles
 from tests.conftest import read_video, video_fps
 
 UNTILED = DecodeSettings(enable_vae_tiling=False)

@@ -41,6 +41,21 @@ def setup_logging(level: int = logging.INFO) -> None:
         pass
 
 
+def apply_environment(args: argparse.Namespace) -> None:
+    """What the flags ask of the environment, for the web UI and the CLI alike: `--offline` and `--loras-dir` as
+    the variables the engine reads (set before huggingface_hub is imported), then logging."""
+    if getattr(args, "offline", False):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    if getattr(args, "loras_dir", None):
+        os.environ["FITVIDEO_LORAS_DIR"] = str(Path(args.loras_dir).expanduser().resolve())
+    setup_logging()
+
+
+def add_offline_flag(parser: argparse.ArgumentParser) -> None:
+    """`--offline`, which apply_environment turns into HF_HUB_OFFLINE=1."""
+    parser.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+
+
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--int8", action="store_true", help="INT8 weight-only quantization (torchao)")
@@ -104,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output mp4 (default: outputs/{time}_{task}_{seed}.mp4)")
     g.add_argument("--outputs-dir", default="outputs")
     g.add_argument("--max-cache-size", type=int, default=None)
-    g.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_offline_flag(g)
     g.add_argument("--plan", action="store_true", help="print the memory plan for this request and exit (loads nothing)")
     g.add_argument("--upscale", type=int, default=0, help="finishing step: upscale the result x2 / x4 (0 = off)")
     g.add_argument("--interpolate", type=int, default=0, help="finishing step: interpolate x2 / x4 (0 = off)")
@@ -131,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--fps", type=int, default=None, help="frames per second (default: the run's)")
     d.add_argument("--dtype", choices=get_args(DType), default=None, help="VAE precision")
     d.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
-    d.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_offline_flag(d)
     add_progress_flag(d)
     add_finishing_parsers(sub)
     return parser
@@ -147,7 +162,7 @@ def add_finishing_parsers(sub) -> None:
     u.add_argument("--weights", default=None, help="an ESRGAN-family model file (.pth / .safetensors) to use")
     u.add_argument("--tile", type=int, default=None, help="largest tile in output pixels (0 = whole frames; default 512)")
     u.add_argument("--out", default=None, help="output mp4 (default: <video>_up<scale>.mp4)")
-    u.add_argument("--offline", action="store_true", help="never touch the network (HF_HUB_OFFLINE=1)")
+    add_offline_flag(u)
     add_progress_flag(u)
     i = sub.add_parser("interpolate", help="interpolate a video x2 / x4: N frames -> (N-1) x factor + 1 at factor x fps")
     i.add_argument("--video", required=True, help="input video")
@@ -231,11 +246,7 @@ def run_finishing(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "offline", False):
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    if getattr(args, "loras_dir", None):
-        os.environ["FITVIDEO_LORAS_DIR"] = str(Path(args.loras_dir).expanduser().resolve())
-    setup_logging()
+    apply_environment(args)
     try:
         if args.command == "generate":
             return run_generate(args)

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from configs.schema import DecodeSettings, GenerationRequest, HostRung, ModelSpec, Offload, Quant, load_presets
+from families import DENOISERS
 from vram_utils.archs import ModelArch, TransformerArch, VaeArch
 from vram_utils.ladder import HOST_MEASURES, OFFLOAD_RUNGS
 
@@ -83,7 +84,7 @@ PINNED_COPY_FACTOR = 2.0
 # Measured (bench/host_ram.py, a 4-block Wan-14B-width stack on the CPU, files reused): 1.25 GiB peak RSS,
 # 1.12 GiB predicted with one group (0.90), 1.78 GiB with two (1.42).
 DISK_GROUPS_IN_FLIGHT = 1
-TRANSFORMERS = ("transformer", "transformer_2")
+TRANSFORMERS = DENOISERS  # the experts take turns: the first is the high-noise one, the others follow it
 # Group-offloaded without streams (vram_utils/offload.py ONCE_PER_RUN): no pinned copy.
 ONCE_PER_RUN = ("text_encoder", "image_encoder")
 
@@ -237,8 +238,8 @@ def component_bytes(arch: ModelArch, w: Workload) -> dict[str, int]:
         "transformer": transformer_weight_bytes(arch.transformer.params, b, w.quant),
         "vae": arch.vae.params * b,
     }
-    if arch.experts == 2:
-        sizes["transformer_2"] = sizes["transformer"]
+    for later in TRANSFORMERS[1:arch.experts]:  # each further expert has the first one's architecture
+        sizes[later] = sizes["transformer"]
     if arch.image_encoder_params and w.task == "i2v":
         sizes["image_encoder"] = arch.image_encoder_params * b
     return sizes
@@ -263,8 +264,8 @@ def resident_bytes(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[s
         # the embedding (the largest layer, used first) and the FF projection prefetched after it
         out["text_encoder"] = _scaled(te.largest_leaf_params + te.block_leaf_params, te.params, sizes["text_encoder"])
         out["vae"] = _scaled(2 * vae.largest_leaf_params, vae.params, sizes["vae"])
-    if "transformer_2" in sizes:
-        out["transformer_2"] = out["transformer"]
+    for later in (c for c in TRANSFORMERS[1:] if c in sizes):
+        out[later] = out["transformer"]
     if "image_encoder" in sizes:
         out["image_encoder"] = sizes["image_encoder"] if offload == "group" else min(sizes["image_encoder"], 64 * MIB)
     return out
@@ -388,7 +389,7 @@ def held_components(sizes: dict[str, int], stage: str, host_rung: HostRung) -> s
     if m.release_text_encoder:
         held = held - set(TRANSFORMERS) if stage == "text" else held - {"text_encoder"}
     if m.one_expert or m.disk:  # one expert at a time (on disk: only the computing expert's groups in flight)
-        held.discard("transformer_2")
+        held -= set(TRANSFORMERS[1:])
     return held
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from configs.schema import HOST_RUNGS, OFFLOADS, DecodeSettings, HostRung, Offload, Plan, Quant
+from vram_utils.tiles import axis_tiles, frame_layout
 
 TILE_FLOOR_PX = 64  # smaller tiles see too little context for a clean seam and cost more in seams than they save
 OFFLOAD_RUNGS: tuple[Offload, ...] = OFFLOADS  # type: ignore[assignment]  # fastest first
@@ -232,8 +233,6 @@ def auto_tiles(d: DecodeSettings) -> bool:
 def _axis_options(frame: int, factor: int, tile: int, stride: int) -> list[tuple[int, int]]:
     """(tile, stride) in output pixels for 1, 2, ... tiles along one axis, up to the count `tile` / `stride`
     takes, each the smallest tile that still keeps the overlap `tile - stride` (whole latent pixels)."""
-    from decode.tiling import axis_tiles  # here, not at the top: decode imports this module
-
     length, overlap = frame // factor, -(-(tile - stride) // factor)
     most = len(axis_tiles(length, max(1, tile // factor), max(1, stride // factor))[1])
     out = [(frame, frame)]
@@ -248,8 +247,6 @@ def tile_rungs(d: DecodeSettings, frame_px: tuple[int, int], factor: int) -> lis
     """The planner's tile choices above `d` (the seed's tiles), fastest first: untiled, then tiles with the seed's
     overlaps, by pixel overhead (pixels through the decoder over the frame's), each kept only if its tiles are
     smaller than every one before it (so that it can fit where they did not). `d` itself is not included."""
-    from decode.tiling import frame_layout
-
     seed = frame_layout(frame_px, factor, (d.tile_y, d.tile_x), (d.tile_stride_y, d.tile_stride_x))
     ys = _axis_options(frame_px[0], factor, d.tile_y, d.tile_stride_y)
     xs = _axis_options(frame_px[1], factor, d.tile_x, d.tile_stride_x)
@@ -268,9 +265,7 @@ def tile_rungs(d: DecodeSettings, frame_px: tuple[int, int], factor: int) -> lis
 
 
 def tile_layout(d: DecodeSettings, frame_px: tuple[int, int], factor: int):
-    """The `decode.tiling.TileLayout` the stream decodes for `d` on a frame of (height, width) output pixels."""
-    from decode.tiling import frame_layout
-
+    """The `vram_utils.tiles.TileLayout` the stream decodes for `d` on a frame of (height, width) output pixels."""
     tile = (d.tile_y, d.tile_x) if d.enable_vae_tiling else None
     return frame_layout(frame_px, factor, tile, (d.tile_stride_y, d.tile_stride_x))
 

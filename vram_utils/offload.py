@@ -36,7 +36,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -44,7 +43,9 @@ from typing import Iterable
 
 import torch
 
+from configs.paths import fitvideo_home
 from configs.schema import OFFLOADS, Offload, Plan, RequestError
+from families import DENOISERS
 from vram_utils.sizes import module_bytes
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _TOKEN = "_fitvideo_token"  # a per-pipeline number: unlike id(), never reused b
 _TOKENS = itertools.count(1)
 # diffusers registers group offloading as these named hooks (diffusers.hooks.group_offloading)
 _GROUP_HOOK_NAMES = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-DISK_COMPONENTS = ("transformer", "transformer_2")  # what the disk rung streams from disk
+DISK_COMPONENTS = DENOISERS  # what the disk rung streams from disk: the transformers
 # Free space the disk rung asks for beyond the weights' bytes: 5 % (safetensors headers are tiny, the rest is
 # slack for a filesystem's block rounding) and 1 GiB left over for the outputs and the OS.
 DISK_MARGIN = 1.05
@@ -233,10 +234,8 @@ def _place_modules(modules: dict[str, torch.nn.Module], dev: torch.device, strat
 
 
 def offload_root() -> Path:
-    """Where the disk rung keeps weight files: $FITVIDEO_HOME/offload (FITVIDEO_HOME defaults to
-    ~/.cache/fitvideo, as in engine.tiny.fitvideo_home, which vram_utils may not import)."""
-    home = Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
-    return home / "offload"
+    """Where the disk rung keeps weight files: $FITVIDEO_HOME/offload."""
+    return fitvideo_home() / "offload"
 
 
 def disk_key(module: torch.nn.Module, component: str) -> str:

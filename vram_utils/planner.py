@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from configs.paths import fitvideo_home
 from configs.schema import (
     DecodeSettings,
     GenerationRequest,
@@ -86,11 +86,6 @@ def gib(n: int) -> str:
 
 def gpu_margin_bytes(gpu: GpuInfo) -> int:
     return MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * gpu.total_bytes)
-
-
-def fitvideo_home() -> Path:
-    """Where FitVideo keeps its files ($FITVIDEO_HOME, as engine/tiny.py reads it)."""
-    return Path(os.environ.get("FITVIDEO_HOME", Path.home() / ".cache" / "fitvideo"))
 
 
 def disk_free_bytes(path: Path | None = None) -> int:

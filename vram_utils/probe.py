@@ -232,10 +232,11 @@ class PeakMeter:
     GPU: `torch.cuda.max_memory_allocated` after a peak reset (0 without CUDA).
     Host: a psutil sampling thread, and on Linux the kernel's exact high-water mark
     (VmHWM, reset on entry; meters that are already open keep the peak seen so far).
-    Bytes are absolute (they include the process baseline); `baseline_*` say what it was.
+    Bytes are absolute (they include the process baseline); `baseline_*` say what it was. `interval_s=None`: no
+    sampling thread (VmHWM alone; a MemoryTimeline that owns the meter adds its own samples where VmHWM is missing).
     """
 
-    def __init__(self, interval_s: float = 0.005, gpu_index: int | None = None):
+    def __init__(self, interval_s: float | None = 0.005, gpu_index: int | None = None):
         self.interval_s = interval_s
         self.gpu_index = gpu_index
         self.peak_gpu_bytes = 0
@@ -271,22 +272,29 @@ class PeakMeter:
             self._hwm_ok = _reset_vmhwm()
             _ACTIVE_METERS.add(self)
         self._stop.clear()
-        self._thread = threading.Thread(target=self._sample, name="PeakMeter", daemon=True)
-        self._thread.start()
+        if self.interval_s:
+            self._thread = threading.Thread(target=self._sample, name="PeakMeter", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self.read()
+        with _VMHWM_LOCK:
+            _ACTIVE_METERS.discard(self)
+
+    def read(self) -> "PeakMeter":
+        """Bring the peaks up to now (the meter goes on): RSS now, the kernel's high-water mark, CUDA's peak."""
         self._note_host(psutil.Process().memory_info().rss)
         with _VMHWM_LOCK:
             if self._hwm_ok:
                 self._note_host(_read_vmhwm())
-            _ACTIVE_METERS.discard(self)
         if self._cuda or (torch.cuda.is_available() and torch.cuda.is_initialized()):
             torch.cuda.synchronize(self.gpu_index)
             self.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(self.gpu_index))
+        return self
 
     @property
     def host_delta_bytes(self) -> int:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import psutil
 import torch
+
+if TYPE_CHECKING:
+    from vram_utils.probe import PeakMeter
 
 DEFAULT_INTERVAL_S = 0.25
 DEFAULT_MAX_SAMPLES = 2000
@@ -55,6 +58,7 @@ class MemoryTimeline:
         max_samples: int = DEFAULT_MAX_SAMPLES,
         gpu_index: int | str | None = None,
         tick_s: float | None = None,
+        peaks: bool = False,
     ):
         if interval_s <= 0 or max_samples < 2:
             raise ValueError("interval_s must be > 0 and max_samples >= 2")
@@ -74,10 +78,19 @@ class MemoryTimeline:
         self._cuda = False  # whether GPU series are reported (CUDA available or seen initialised)
         self._t0 = time.perf_counter()
         self._t_end: float | None = None
+        # peaks=True: the run's one sampler also gives its measured peaks (PeakMeter without a thread of its own:
+        # the kernel's exact high-water mark and CUDA's peak statistics, with these samples where VmHWM is missing)
+        self.meter: PeakMeter | None = None
+        if peaks:
+            from vram_utils.probe import PeakMeter
+
+            self.meter = PeakMeter(interval_s=None, gpu_index=self.gpu_index)
 
     # ------------------------------------------------------------------ running
 
     def __enter__(self) -> "MemoryTimeline":
+        if self.meter is not None:
+            self.meter.__enter__()
         self._t0, self._t_end = time.perf_counter(), None
         self._cuda = torch.cuda.is_available()
         if self.gpu_index is None and torch.cuda.is_initialized():
@@ -95,6 +108,16 @@ class MemoryTimeline:
             self._thread = None
         self.observe()
         self._t_end = time.perf_counter() - self._t0
+        if self.meter is not None:
+            self.meter.__exit__(*exc)
+
+    def measured(self) -> dict[str, int]:
+        """The peaks so far of a `peaks=True` timeline (PeakMeter.to_dict's fields): the kernel's high-water mark,
+        CUDA's peak statistics, and these samples' highest RSS."""
+        if self.meter is None:
+            return {}
+        self.meter.read()._note_host(self.peak_rss_bytes)
+        return self.meter.to_dict()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
