@@ -28,7 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs.schema import DecodeSettings, GenerationRequest, Plan, get_model_spec  # noqa: E402
+from configs.schema import DecodeSettings, GenerationRequest, Plan
+from configs.registry import get_model_spec  # noqa: E402
 from vram_utils import plan_for  # noqa: E402
 from vram_utils.archs import arch_for  # noqa: E402
 from vram_utils.ladder import tile_layout  # noqa: E402

@@ -112,7 +112,7 @@ class Sizes:
 
     def run_model(self, model: str) -> str:
         """The model that computes for `model`: itself on CUDA, the tiny model of its family on the CPU."""
-        from configs.schema import get_model_spec
+        from configs.registry import get_model_spec
 
         return model if self.cuda else TINY[get_model_spec(model).family]
 
@@ -227,7 +227,7 @@ def random_transformer(model: str, device):
     import diffusers
     import torch
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     spec = get_model_spec(model)
     if spec.tiny:
@@ -258,7 +258,7 @@ def transformer_pipeline(model: str, transformer):
     rotary table comes from one. The other components are None, which diffusers' offloading skips."""
     import diffusers
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     cls = diffusers.CogVideoXPipeline if get_model_spec(model).family == "cogvideox" else diffusers.WanPipeline
     return cls(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=None)
@@ -287,7 +287,7 @@ def request_for(model: str, shape: tuple[int, int, int] | None = None):
 
 def workload_of(request, transformer) -> Workload:
     """What the family's pipeline feeds the transformer for `request`."""
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     spec = get_model_spec(request.model)
     height, width = request.height or spec.default_resolution[0], request.width or spec.default_resolution[1]
@@ -331,14 +331,14 @@ def measured_peak(meter, cuda: bool) -> int:
 
 
 def rung_claims(sizes: Sizes) -> list[str]:
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     return [f"{get_model_spec(m).label}, GPU capped at {cap} GiB: the planned rung runs, peak <= predicted"
             for m in sizes.rung_models for cap in sizes.caps_gib]
 
 
 def check_rungs(sizes: Sizes) -> list[Row]:
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     rows = []
     claims = iter(rung_claims(sizes))
@@ -359,7 +359,7 @@ def rung_row(claim: str, pipe, models: tuple[str, str, str], cap_gib: int, sizes
     import torch
 
     import vram_utils
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     model, run_model, family = models
     target = "no OOM; peak <= predicted denoise stage"
@@ -575,7 +575,7 @@ def _ratio(a: float, b: float) -> float:
 def plan_accuracy_claims() -> list[str]:
     import plan_accuracy
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     return [f"plan accuracy, {get_model_spec(m).label} pipeline, GPU capped at {cap} GB: predicted / measured"
             for m in plan_accuracy.CUDA_MODELS for cap in plan_accuracy.CUDA_CAPS_GB]
@@ -600,7 +600,7 @@ def plan_accuracy_rows(printed: str) -> list[Row]:
     '<label> <cap> GB: <rung>   <pred MiB> <meas MiB> <ratio>  ok|OUT', or '...: <rung>: OOM (...)'."""
     import plan_accuracy
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     target = f"{plan_accuracy.TARGET[0]}-{plan_accuracy.TARGET[1]}"
     lines = printed.splitlines()

@@ -340,7 +340,8 @@ def predicted(rung: str, args: argparse.Namespace, params: int) -> int:
     weights (this bench loads only the transformer), one step without classifier-free guidance."""
     import dataclasses
 
-    from configs.schema import GenerationRequest, get_model_spec
+    from configs.schema import GenerationRequest
+    from configs.registry import get_model_spec
     from vram_utils.archs import arch_for
     from vram_utils.estimate import estimate, workload_for
 

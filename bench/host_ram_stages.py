@@ -172,7 +172,8 @@ def predicted_stages(case: str, args: argparse.Namespace, folders: dict[str, Pat
     and the text encoder cut to the built ones, or Wan 2.2 A14B with both experts cut to the built stack."""
     import dataclasses
 
-    from configs.schema import GenerationRequest, get_model_spec
+    from configs.schema import GenerationRequest
+    from configs.registry import get_model_spec
     from vram_utils.archs import arch_for
     from vram_utils.estimate import estimate, workload_for
 

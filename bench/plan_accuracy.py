@@ -156,7 +156,7 @@ def _random_module(build, dtype):
 
 
 def _vae(model: str, dtype):
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     spec = get_model_spec(model)
     if spec.tiny:
@@ -182,7 +182,7 @@ def run_case(case: dict, calibrate: bool = False) -> dict:
 
     import diffusers  # noqa: F401  (imports before the baseline)
     import vram_utils
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
     from engine import loaders  # noqa: F401
     from vram_utils.probe import _read_vmhwm, _reset_vmhwm
 
@@ -256,7 +256,7 @@ def run_case(case: dict, calibrate: bool = False) -> dict:
 
 def weight_bytes(case: dict) -> int:
     """Bytes of the weights the case holds (the part of the peak that needs no activation model)."""
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
     from vram_utils import estimate as est
     from vram_utils.archs import arch_for
 
@@ -271,7 +271,8 @@ def weight_bytes(case: dict) -> int:
 
 def predicted_bytes(case: dict) -> int:
     """The estimator's host peak for the case's work (CPU backend), above the process baseline."""
-    from configs.schema import DecodeSettings, get_model_spec
+    from configs.schema import DecodeSettings
+    from configs.registry import get_model_spec
     from vram_utils import estimate as est
     from vram_utils.archs import arch_for
 
@@ -345,7 +346,8 @@ def run_cpu(quick: bool) -> list[bool]:
 
 def run_calibration() -> None:
     """Print the live-tensor coefficients archs.py holds, re-measured."""
-    from configs.schema import DecodeSettings, get_model_spec
+    from configs.schema import DecodeSettings
+    from configs.registry import get_model_spec
     from vram_utils import estimate as est
     from vram_utils.archs import arch_for
 
@@ -411,7 +413,8 @@ def run_cuda() -> list[bool]:
     import torch
 
     import vram_utils
-    from configs.schema import GenerationRequest, get_model_spec
+    from configs.schema import GenerationRequest
+    from configs.registry import get_model_spec
     from vram_utils.probe import DeviceInfo, GpuInfo
 
     total = torch.cuda.get_device_properties(0).total_memory

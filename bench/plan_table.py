@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs.schema import GenerationRequest, Plan, get_model_spec  # noqa: E402
+from configs.schema import GenerationRequest, Plan
+from configs.registry import get_model_spec  # noqa: E402
 from vram_utils import plan_for  # noqa: E402
 from vram_utils.probe import GIB, DeviceInfo, GpuInfo  # noqa: E402
 

@@ -1,14 +1,3 @@
-"""Registry, presets and request/plan dataclasses. Imports nothing of ours."""
-from configs.schema import (  # noqa: F401
-    DecodeSettings,
-    GenerationRequest,
-    ModelSpec,
-    Plan,
-    Preset,
-    RequestError,
-    get_model_spec,
-    load_presets,
-    load_registry,
-    models_for_task,
-    resolve_request,
-)
+"""What a run is made of, in data: schema.py (frozen dataclasses, Literal choices), registry.py (models.yaml,
+presets.yaml, a model by id or folder), validate.py (a request checked, its defaults filled), local.py (a model
+folder's facts from its files), paths.py ($FITVIDEO_HOME). Imports nothing of FitVideo's but families/."""

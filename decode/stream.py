@@ -26,7 +26,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from configs.schema import DecodeSettings, check_decode
+from configs.schema import DecodeSettings
+from configs.validate import check_decode
 from decode.causal import CausalDecoder, causal_decoder
 from vram_utils.tiles import TileLayout, blend_weight, plan_tiles
 from vram_utils.ladder import TILE_FLOOR_PX, DecodeStep, Ladder

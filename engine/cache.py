@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from configs.schema import get_model_spec, load_registry
+from configs.registry import get_model_spec, load_registry
 from engine.loaders import load_shared_pipeline, resolve_dtype
 from engine.modifiers import CleanStates
 from families import DENOISERS

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from configs.local import ModelUnavailableError, missing_files  # noqa: F401  (re-exported)
-from configs.schema import TASKS, ModelSpec, RequestError, get_model_spec
+from configs.schema import TASKS, ModelSpec, RequestError
+from configs.registry import get_model_spec
 from engine.tiny import TINY_NAMES, ensure_tiny_model
 
 logger = logging.getLogger(__name__)

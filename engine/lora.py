@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import LoraChoice, ModelSpec, RequestError, get_model_spec, load_registry, task_experts
+from configs.schema import LoraChoice, ModelSpec, RequestError, task_experts
+from configs.registry import get_model_spec, load_registry
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ import torch
 
 import decode
 import vram_utils
-from configs.schema import DecodeSettings, RequestError, check_decode, get_model_spec
+from configs.schema import DecodeSettings, RequestError
+from configs.validate import check_decode
+from configs.registry import get_model_spec
 from engine.recovery import decode_step_downs
 from engine.results import LATENTS_FORMAT, SavedLatents, Sidecar, sidecar_path, versions  # noqa: F401
 

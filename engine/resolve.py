@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from configs.schema import GenerationRequest, ModelSpec, RequestError, get_model_spec, resolve_request, task_experts
+from configs.schema import GenerationRequest, ModelSpec, RequestError, task_experts
+from configs.registry import get_model_spec
+from configs.validate import resolve_request
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ def support(spec, task: str) -> dict[str, str | None]:
 def choose(request, spec) -> StepCacheChoice:
     """The request's own step cache (RequestError with the reason where it does not apply), else its preset's
     (left off, with a note, where it does not apply)."""
-    from configs.schema import RequestError, load_presets
+    from configs.schema import RequestError
+    from configs.registry import load_presets
 
     own = request.step_cache is not None
     text = request.step_cache if own else load_presets()[request.preset].step_cache

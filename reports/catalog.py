@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.schema import get_model_spec, models_for_task
+from configs.registry import get_model_spec, models_for_task
 
 DOWNLOAD_MB_PER_S = 50  # for the "first run fetches N GB, about M min" estimate
 FALLBACK_MODEL = "tiny-cogvideox"  # the default when no real model's weights are here

@@ -497,7 +497,9 @@ def test_memory_panel_reports_gpu_and_host(served, client):
 
 def test_plan_is_shown_before_generate_and_follows_the_settings(served, client):
     import vram_utils
-    from configs.schema import DecodeSettings, GenerationRequest, get_model_spec, resolve_request
+    from configs.schema import DecodeSettings, GenerationRequest
+    from configs.registry import get_model_spec
+    from configs.validate import resolve_request
 
     def planned(**changes):
         req = resolve_request(GenerationRequest(**{

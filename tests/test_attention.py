@@ -63,7 +63,7 @@ def test_backends_that_cannot_run_here_are_refused_with_the_reason():
 
 
 def test_regional_compile_is_refused_off_cuda_and_for_cogvideox(runner, tiny_models):
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     wan, cog = get_model_spec("tiny-wan"), get_model_spec("tiny-cogvideox")
     assert "CUDA" in A.compile_problem(wan, "cpu")

@@ -122,7 +122,8 @@ def test_concurrent_gets_of_one_pipeline_load_it_once(tiny_models):
 
 
 def test_a_second_run_of_a_cached_model_is_planned_with_its_weights_already_resident(tiny_models, tmp_path):
-    from configs.schema import GenerationRequest, resolve_request
+    from configs.schema import GenerationRequest
+    from configs.validate import resolve_request
     from engine.runner import Runner
     from vram_utils.probe import GIB, DeviceInfo
 
@@ -155,7 +156,7 @@ class _FakePipe:
 
 
 def _fake_loader(model, task, shared, torch_dtype):
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     modules = {}
     for comp, n in get_model_spec(model).params.items():

@@ -89,7 +89,8 @@ GENERATE = ["generate", "--prompt", "a cat", "--frames", "9", "--height", "32", 
 
 
 def test_generate_plan_prints_the_pages_plan_and_loads_nothing(tmp_path, capsys, monkeypatch, tiny_models):
-    from configs.schema import GenerationRequest, resolve_request
+    from configs.schema import GenerationRequest
+    from configs.validate import resolve_request
     from engine.cache import PipelineCache
     from reports.text import fmt_bytes
     from engine.runner import Runner

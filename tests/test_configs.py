@@ -4,18 +4,9 @@ from __future__ import annotations
 import diffusers
 import pytest
 
-from configs.schema import (
-    PRESETS,
-    TASKS,
-    DecodeSettings,
-    GenerationRequest,
-    RequestError,
-    get_model_spec,
-    load_presets,
-    load_registry,
-    models_for_task,
-    resolve_request,
-)
+from configs.schema import PRESETS, TASKS, DecodeSettings, GenerationRequest, RequestError
+from configs.registry import get_model_spec, load_presets, load_registry, models_for_task
+from configs.validate import resolve_request
 
 HUB_MODELS = [
     "THUDM/CogVideoX-2b",

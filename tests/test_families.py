@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from configs.local import ModelUnavailableError, count_parameters, find_model_folders
-from configs.schema import RequestError, get_model_spec, load_registry
+from configs.schema import RequestError
+from configs.registry import get_model_spec, load_registry
 from families import FAMILIES, family_of_pipeline, family_of_vae, get_family
 from ui.cli import main
 from tests.conftest import read_video

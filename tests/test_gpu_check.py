@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 sys.path.append(str(ROOT / "bench"))  # after the project root: a bench file must never shadow a package
 import gpu_check  # noqa: E402
 import plan_accuracy  # noqa: E402
-from configs.schema import get_model_spec  # noqa: E402
+from configs.registry import get_model_spec  # noqa: E402
 
 # The rung the planner picks for each model's default request on a card of that size (README's table).
 RUNGS = {"CogVideoX 5B": ["group", "group", "model", "model"], "Wan 2.1 T2V 1.3B": ["group", "model", "model", "none"]}

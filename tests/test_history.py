@@ -154,7 +154,7 @@ def test_every_tab_takes_every_preset_and_step_cache_in_sequence_on_one_server(w
     or task does not take it); nothing one run does breaks the next."""
     from gradio_client import Client, handle_file
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
     from engine.stepcache import STEP_CACHES, support
 
     ui, url = served

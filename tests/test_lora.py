@@ -10,7 +10,9 @@ import psutil
 import pytest
 import torch
 
-from configs.schema import GenerationRequest, LoraChoice, RequestError, get_model_spec, resolve_request
+from configs.schema import GenerationRequest, LoraChoice, RequestError
+from configs.registry import get_model_spec
+from configs.validate import resolve_request
 from lora_files import make_lora
 from engine import lora
 from engine.lora import LoraError

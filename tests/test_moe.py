@@ -9,7 +9,9 @@ import weakref
 import pytest
 import torch
 
-from configs.schema import GenerationRequest, RequestError, load_registry, resolve_request
+from configs.schema import GenerationRequest, RequestError
+from configs.registry import load_registry
+from configs.validate import resolve_request
 
 MOE = "tiny-wan-moe"
 # tiny-wan-moe's scheduler at 4 steps: timesteps 999, 900, 750, 500; the boundary is 0.875 * 1000 = 875, so

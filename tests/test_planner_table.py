@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configs.schema import get_model_spec
+from configs.registry import get_model_spec
 from tests.conftest import ROOT
 from vram_utils import plan_for
 from vram_utils.archs import ARCHS

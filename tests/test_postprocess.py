@@ -195,7 +195,8 @@ def test_the_plan_counts_the_upscaler_as_a_stage(tmp_path, monkeypatch, tiny_mod
     import json
 
     import postprocess.upscale as up
-    from configs.schema import GenerationRequest, Plan, resolve_request
+    from configs.schema import GenerationRequest, Plan
+    from configs.validate import resolve_request
     from engine.cache import PipelineCache
     from engine.finishing import with_finishing
     from engine.runner import Runner

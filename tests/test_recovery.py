@@ -84,7 +84,8 @@ def test_tile_rungs_that_would_not_change_the_decode_are_skipped():
 
 
 def test_the_planner_searches_the_same_decode_rungs():
-    from configs.schema import GenerationRequest, get_model_spec
+    from configs.schema import GenerationRequest
+    from configs.registry import get_model_spec
     from vram_utils.archs import arch_for
     from vram_utils.estimate import workload_for
     from vram_utils.planner import _decode_options

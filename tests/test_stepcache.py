@@ -45,7 +45,7 @@ def model(request, tiny_models):
 
 
 def usable(cog: bool) -> list[str]:
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     ok = sc.support(get_model_spec("tiny-cogvideox" if cog else "tiny-wan"), "t2v")
     return [n for n in sc.STEP_CACHES[1:] if ok[n] is None]
@@ -57,7 +57,7 @@ NEUTRAL = {"first-block": 0.0, "magcache": 0.0, "taylorseer": 1, "pab": 1}
 
 
 def test_parse_and_support():
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
 
     assert sc.parse_step_cache("first-block:0.2") == ("first-block", 0.2)
     assert sc.parse_step_cache("pab") == ("pab", None)
@@ -162,7 +162,8 @@ def test_a_cache_left_on_is_listed_as_a_leftover(model):
 
 
 def test_the_planner_counts_what_each_cache_keeps_in_the_denoise_stage():
-    from configs.schema import GenerationRequest, get_model_spec
+    from configs.schema import GenerationRequest
+    from configs.registry import get_model_spec
     from vram_utils.archs import arch_for
     from vram_utils.estimate import STEP_CACHE_TENSORS, denoise_activation_bytes, video_tokens, workload_for
 

@@ -11,7 +11,8 @@ import pytest
 
 import vram_utils.planner as planner
 from bench.plan_table import machine
-from configs.schema import DecodeSettings, GenerationRequest, get_model_spec
+from configs.schema import DecodeSettings, GenerationRequest
+from configs.registry import get_model_spec
 from vram_utils import plan_for
 from vram_utils.archs import arch_for
 from vram_utils.estimate import estimate, workload_for

@@ -9,7 +9,8 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from configs.schema import GenerationRequest, get_model_spec
+from configs.schema import GenerationRequest
+from configs.registry import get_model_spec
 from reports import charts
 from tests.conftest import ROOT
 from vram_utils import plan_for

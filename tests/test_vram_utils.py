@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vram_utils
-from configs.schema import OFFLOADS, DecodeSettings, GenerationRequest, get_model_spec, load_registry
+from configs.schema import OFFLOADS, DecodeSettings, GenerationRequest
+from configs.registry import get_model_spec, load_registry
 from vram_utils.archs import ARCHS, arch_for
 from vram_utils.estimate import LADDER, estimate, video_tokens, workload_for
 from vram_utils.probe import GIB, DeviceInfo, GpuInfo

@@ -122,7 +122,8 @@ def with_upload_paths(values: dict[str, Any], task: str = "t2v") -> dict[str, An
 
 def two_experts(model: Any, task: Any) -> bool:
     """Whether the (model, task) pipeline runs two experts (Wan 2.2 A14B t2v / i2v): the second guidance applies."""
-    from configs.schema import RequestError, get_model_spec, task_experts
+    from configs.schema import RequestError, task_experts
+    from configs.registry import get_model_spec
 
     try:
         return task_experts(get_model_spec(str(model)), str(task)) == 2

@@ -135,7 +135,7 @@ def make_reuse(app: "FitVideoApp"):
     """Reuse settings: a past result's fields into its tab and the Optimization tab; the other tabs stay."""
     import gradio as gr
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
     from engine.results import find_result
     from reports.catalog import offered_models, resolutions_for
     from ui.fields import fields_from_request

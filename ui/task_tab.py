@@ -89,7 +89,8 @@ def render_settings(task: str, statuses: "list[ModelStatus]") -> dict[str, Any]:
     """The request's fields, by name: model, inputs, prompt, sampling, size, finishing steps, LoRAs."""
     import gradio as gr
 
-    from configs.schema import PRESETS, GenerationRequest, get_model_spec, load_presets
+    from configs.schema import PRESETS, GenerationRequest
+    from configs.registry import get_model_spec, load_presets
     from reports.catalog import default_model, resolutions_for
 
     model = default_model(statuses)
@@ -267,7 +268,7 @@ def listen_run(app: "FitVideoApp", tab: TaskTab, raw: dict) -> None:
 def on_model_change(task: str):
     import gradio as gr
 
-    from configs.schema import get_model_spec
+    from configs.registry import get_model_spec
     from reports.catalog import resolutions_for
 
     def change(model: str, frames, resolution: str):
@@ -286,7 +287,7 @@ def on_model_change(task: str):
 
 
 def fill_preset(name: str) -> tuple[int, float]:
-    from configs.schema import load_presets
+    from configs.registry import load_presets
 
     preset = load_presets()[name]
     return preset.steps, preset.guidance

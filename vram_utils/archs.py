@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from configs.schema import ModelSpec, get_model_spec, load_registry, task_experts
+from configs.schema import ModelSpec, task_experts
+from configs.registry import get_model_spec, load_registry
 from families import ModelArch, TextEncoderArch, TransformerArch, VaeArch  # noqa: F401  (re-exported)
 
 

@@ -52,7 +52,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.schema import DecodeSettings, GenerationRequest, HostRung, ModelSpec, Offload, Quant, load_presets
+from configs.schema import DecodeSettings, GenerationRequest, HostRung, ModelSpec, Offload, Quant
+from configs.registry import load_presets
 from families import DENOISERS
 from vram_utils.archs import ModelArch, TransformerArch, VaeArch
 from vram_utils.ladder import HOST_MEASURES, OFFLOAD_RUNGS

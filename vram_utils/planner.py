@@ -36,16 +36,8 @@ from pathlib import Path
 from typing import Iterator
 
 from configs.paths import fitvideo_home
-from configs.schema import (
-    DecodeSettings,
-    GenerationRequest,
-    HostRung,
-    ModelSpec,
-    Offload,
-    Plan,
-    get_model_spec,
-    load_registry,
-)
+from configs.schema import DecodeSettings, GenerationRequest, HostRung, ModelSpec, Offload, Plan
+from configs.registry import get_model_spec, load_registry
 from vram_utils.archs import ModelArch, arch_for
 from vram_utils.estimate import GIB, LADDER, MIB, Estimate, Workload, disk_bytes_needed, estimate, workload_for
 from vram_utils.ladder import (
