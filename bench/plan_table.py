@@ -68,7 +68,7 @@ def _gib(n: int) -> str:
 
 def markdown(table: list[Row]) -> str:
     lines = [
-        "| model | GPU | RAM | offload | host rung | GPU peak / budget GiB | RAM peak / budget GiB | fits |",
+        "| model | GPU | RAM | offload | host rung | GPU peak / budget GiB | RAM need / budget GiB | fits |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
@@ -77,8 +77,9 @@ def markdown(table: list[Row]) -> str:
         gpu_peak = "-" if r.gpu_gb is None else f"{_gib(p.predicted_peak_gpu_bytes)} / {_gib(p.budget_bytes)}"
         host = p.host_rung + (" (fp8)" if p.quant == "fp8-storage" else "")
         fits = "yes" if p.fits else ("**refused**" if p.refused else "no")
+        mapped = f" (+{_gib(p.predicted_mapped_host_bytes)} mapped, read in place)" if p.host_rung == "in-place" else ""
         lines.append(f"| {get_model_spec(r.model).label} | {gpu} | {r.ram_gb} GB | {p.offload} | {host} | {gpu_peak} | "
-                     f"{_gib(p.predicted_peak_host_bytes)} / {_gib(p.host_budget_bytes)} | {fits} |")
+                     f"{_gib(p.host_need_bytes)}{mapped} / {_gib(p.host_budget_bytes)} | {fits} |")
     return "\n".join(lines)
 
 

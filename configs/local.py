@@ -133,12 +133,13 @@ def _spec(folder_str: str, model: str, _mtime: int) -> ModelSpec:
     family = folder_family(folder)
     configs = {c: _read_json(folder / c / "config.json") for c in COMPONENTS if (folder / c).is_dir()}
     configs["tokenizer"] = _read_json(folder / "tokenizer" / "tokenizer_config.json")
-    params, parts, dtype = {}, {}, None
+    params, parts, dtype, stored = {}, {}, None, {}
     for comp in COMPONENTS:
         if (folder / comp).is_dir():
             counts, comp_dtype = count_parameters(folder / comp, family.block_prefixes.get(comp, ""))
             params[comp] = counts.pop("total")
             parts[comp] = counts
+            stored[comp] = comp_dtype or "none"  # "none": no safetensors (a .bin is read into anonymous memory)
             dtype = dtype or (comp_dtype if comp == "transformer" else None)
     defaults = family.folder_defaults(configs)
     fixed = defaults.pop("fixed_size", None)
@@ -146,7 +147,7 @@ def _spec(folder_str: str, model: str, _mtime: int) -> ModelSpec:
     logger.debug("local model %s: %s %s, tasks %s", folder, family.name, class_name, ", ".join(tasks))
     return ModelSpec(
         id=model, family=family.name, label=f"{folder.name} (local folder)", default_dtype=dtype or "bfloat16",
-        params=params, tasks=tasks, config=configs, parts=parts, folder=folder_str,
+        params=params, tasks=tasks, config=configs, parts=parts, folder=folder_str, stored_dtypes=stored,
         boundary_ratio=index.get("boundary_ratio"), **defaults,  # a two-expert pipeline saves its boundary
     )
 

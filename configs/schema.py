@@ -21,9 +21,10 @@ OffloadChoice = Literal["auto", "none", "model", "group", "sequential"]
 Quant = Literal["none", "int8", "fp8", "fp8-storage"]
 PresetName = Literal["fast", "balanced", "quality"]
 # Ways to fit host RAM, fastest first: everything in RAM at the model's dtype; the text encoder run first and
-# freed; one expert of a two-expert model in RAM at a time; transformer weights stored in RAM at fp8; the
+# freed; one expert of a two-expert model in RAM at a time; memory-mapped weights read in place (the kernel drops
+# and re-reads their pages when RAM holds less than them); transformer weights stored in RAM at fp8; the
 # transformer's weights streamed from disk.
-HostRung = Literal["ram", "text-encoder-first", "one-expert", "low-precision", "disk"]
+HostRung = Literal["ram", "text-encoder-first", "one-expert", "in-place", "low-precision", "disk"]
 DType = Literal["float32", "float16", "bfloat16"]
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -70,6 +71,10 @@ class ModelSpec:
     config: dict[str, dict] = field(default_factory=dict)
     parts: dict[str, dict[str, int]] = field(default_factory=dict)
     folder: str | None = None  # a local diffusers folder (configs/local.py), not a registry entry
+    # component -> the dtype its weights are stored in (a local folder's safetensors headers); absent: the model's
+    # default dtype. Weights stored in the dtype they load in are memory-mapped from their files (file-backed pages
+    # the kernel may drop and read again), any other are converted into anonymous memory (vram_utils/estimate.py).
+    stored_dtypes: dict[str, str] = field(default_factory=dict)
     # Two-expert models (Wan 2.2 A14B): the high-noise expert (`transformer`) runs while the timestep is at or
     # above boundary_ratio * num_train_timesteps, the low-noise one (`transformer_2`) below.
     boundary_ratio: float | None = None
@@ -236,6 +241,12 @@ class Plan:
     disk_offload: bool = False  # transformer weights streamed from disk (group offload to $FITVIDEO_HOME/offload)
     host_stages: dict[str, int] = field(default_factory=dict)  # stage -> predicted peak host RAM bytes
     host_budget_bytes: int = 0  # available host RAM the plan was fitted into (margin already taken off)
+    host_limit: str = ""  # where that budget comes from: "machine 23.5 GiB" / "container limit 2.0 GiB (cgroup v1 /x)"
+    # What must fit the host budget (the peak, or on the in-place rung anonymous memory + the layer computing), and
+    # the host peak split into anonymous memory and memory-mapped weights (file pages the kernel may drop)
+    host_need_bytes: int = 0
+    predicted_anon_host_bytes: int = 0
+    predicted_mapped_host_bytes: int = 0
 
     def replace(self, **changes) -> "Plan":
         return dataclasses.replace(self, **changes)

@@ -358,6 +358,7 @@ def _remove_hooks(pipe, still_used: list) -> None:
 
 
 def _host_available_bytes() -> int:
-    import psutil
+    """The host RAM that binds now (a container's limit where one is set: vram_utils/host_budget.py)."""
+    from vram_utils.host_budget import host_limit
 
-    return int(psutil.virtual_memory().available)
+    return host_limit().available_bytes

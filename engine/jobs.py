@@ -53,6 +53,7 @@ class Job:
     error: str = ""
     resumed: str = ""  # after a restart: how it went on
     order: int = field(default_factory=lambda: next(_ORDER))
+    oom_kills: int = 0  # the memory cgroup's OOM-kill count when it started (a restart compares: killed for memory?)
     # Kept in memory only:
     run: Any = None  # the ResolvedRun it was queued as (after a restart: resolved again from `request`)
     last: Any = None  # the runner's last ProgressEvent
@@ -65,7 +66,7 @@ class Job:
     def to_record(self) -> dict:
         return {"id": self.id, "task": self.task, "request": self.request.to_dict(), "out_path": self.out_path,
                 "owner": self.owner, "session": self.session, "state": self.state, "created": self.created,
-                "started": self.started, "resumed": self.resumed}
+                "started": self.started, "resumed": self.resumed, "oom_kills": self.oom_kills}
 
     @classmethod
     def from_record(cls, data: dict) -> "Job":
@@ -73,6 +74,7 @@ class Job:
         job = cls(str(data["id"]), str(data["task"]), request, str(data["out_path"]), str(data.get("owner", "")),
                   str(data.get("session", "")), data.get("state", "waiting"), float(data.get("created", 0)))
         job.started = data.get("started")
+        job.oom_kills = int(data.get("oom_kills") or 0)
         return job
 
     def view(self) -> dict:
@@ -202,6 +204,8 @@ class JobQueue:
                 path.unlink(missing_ok=True)
                 notes.append(f"job {job.id} had finished ({Path(job.out_path).name}); not run again")
                 continue
+            if job.state == "running" and self._killed_for_memory(job, path, notes):
+                continue
             if job.state == "running":
                 job.resumed = "resumed from its saved latents (decode only)" if can_resume(job) else \
                     "started over (it was interrupted before its latents were saved)"
@@ -215,6 +219,24 @@ class JobQueue:
             logger.info("queue: %s", note)
         return notes
 
+    def _killed_for_memory(self, job: Job, path: Path, notes: list[str]) -> bool:
+        """A job the kernel's OOM killer ended (its memory cgroup counted a kill since it started): not run again by
+        itself, which would end the same way; kept in the list as failed, with what happened."""
+        from vram_utils.host_budget import host_limit, oom_kills
+
+        now = oom_kills()
+        if now <= job.oom_kills:
+            return False
+        job.state, job.finished = "failed", time.time()
+        job.error = (f"the app was killed by the out-of-memory killer while this job ran (the memory cgroup counted "
+                     f"{now - job.oom_kills} kill{'s' if now - job.oom_kills > 1 else ''}; host {host_limit().text()}); "
+                     "it is not run again by itself: choose smaller settings or free memory, then Generate again")
+        job.done.set()
+        path.unlink(missing_ok=True)
+        self._jobs[job.id] = job
+        notes.append(f"job {job.id}: {job.error}")
+        return True
+
     # ---------------------------------------------------------------- the worker
     def _next(self) -> Job | None:
         with self._cv:
@@ -222,8 +244,10 @@ class JobQueue:
                 waiting = sorted((j for j in self._jobs.values() if j.state == "waiting"),
                                  key=lambda j: (j.created, j.order))
                 if waiting:
+                    from vram_utils.host_budget import oom_kills
+
                     job = waiting[0]
-                    job.state, job.started = "running", time.time()
+                    job.state, job.started, job.oom_kills = "running", time.time(), oom_kills()
                     self._write(job)
                     return job
                 self._cv.wait(1.0)

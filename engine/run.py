@@ -114,6 +114,11 @@ class Run:
     step_cache: Any = None  # engine.stepcache.StepCache of this run (its counters go to the sidecar), or None
     ratios_key: str = ""  # MagCache: the key its ratios are filed under, and the settings that make it
     ratios_facts: dict = field(default_factory=dict)
+    watch: Any = None  # vram_utils.host_budget.HostWatch: the room under the host limit, checked every step
+
+    def check_memory(self) -> None:
+        if self.watch is not None:
+            self.watch.check()
 
     @property
     def request(self) -> GenerationRequest:

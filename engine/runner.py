@@ -41,7 +41,8 @@ from engine.run import (  # noqa: F401  (ProgressEvent, Cancelled, RunFailed, Ru
 )
 from families import get_family
 from vram_utils import release_memory
-from vram_utils.ladder import Ladder
+from vram_utils.host_budget import HostMemoryPressure, HostWatch, host_limit
+from vram_utils.ladder import Ladder, step_host
 from vram_utils.sentinel import LeakReport, LeakSentinel
 from vram_utils.timeline import MemoryTimeline, gpu_index_of
 
@@ -133,8 +134,12 @@ class Runner:
                 if reason.startswith("suggestion:"):
                     run.warn(reason)
 
-        # 3-7, with the out-of-memory ladder; memory sampled into a timeline with the stages marked.
-        with MemoryTimeline(gpu_index=gpu_index_of(run.plan.device), peaks=True) as timeline:
+        # 3-7, with the out-of-memory ladder; memory sampled into a timeline with the stages marked, the room under
+        # the host limit watched from the same thread (a run nearing it steps down or stops with a message, never
+        # killed without a word).
+        check_host_room(run.plan, self.cache.resident_bytes(req.model, req.task, req.quant, "cpu"))
+        run.watch = HostWatch()
+        with MemoryTimeline(gpu_index=gpu_index_of(run.plan.device), peaks=True, watch=run.watch) as timeline:
             run.emit = timeline.tap(run.emit)
             self._attempts(run)
             return self._finish(run, timeline.measured(), timeline)
@@ -248,6 +253,8 @@ class Runner:
                     f"`python app.py decode --latents {lat} --out {run.paths.video}`"
                 ) from exc
             raise exc
+        if isinstance(exc, HostMemoryPressure) and self._host_step(run, exc):
+            return
         ladder = self.ladder_for(run)
         if run.stream is not None:
             # The decode's own rungs are behind the run now: record them, and go on from where it ended.
@@ -267,6 +274,24 @@ class Runner:
         run.step_downs.append(StepDown(run.stage, error, change))  # type: ignore[arg-type]
         logger.warning("out of memory while %s; retrying with %s", run.stage, change)
         run.emit(ProgressEvent(run.stage, message=f"out of memory while {run.stage}: retrying with {change}"))
+
+    def _host_step(self, run: Run, exc: HostMemoryPressure) -> bool:
+        """Host RAM neared its limit: one host rung down (the text encoder released, then weights from disk) where
+        one is left; else, before the decode, stop and say so (a decode has its own rungs: smaller tiles)."""
+        nxt = step_host(run.plan)
+        if nxt is None and run.stage == "decoding":
+            return False
+        if nxt is None:
+            saved = f"its latents are saved at {run.paths.latents}" if run.paths.latents.exists() else \
+                "nothing was saved (the denoise had not finished)"
+            raise RunFailed(f"stopped before the memory limit ended the run while {run.stage}: {exc}; no host rung "
+                            f"below {run.plan.host_rung} is left; {saved}. To fit: "
+                            f"{fit_suggestion(run.request, run.spec, run.plan)}") from exc
+        run.plan, change = nxt
+        run.step_downs.append(StepDown(run.stage, f"host RAM: {exc}", change))  # type: ignore[arg-type]
+        logger.warning("host RAM near its limit while %s (%s); retrying with %s", run.stage, exc, change)
+        run.emit(ProgressEvent(run.stage, message=f"host RAM near its limit while {run.stage}: retrying with {change}"))
+        return True
 
     # ---------------------------------------------------------------- the steps
 
@@ -333,6 +358,7 @@ class Runner:
             run.emit(ProgressEvent("denoising", done, total, f"denoising step {done}/{total}{expert}", eta, image))
             self._fault("denoising", done)
             run.check_stop()
+            run.check_memory()
             if boundary is not None and run.plan.experts_in_ram == 1:
                 self._next_expert(run, pipe, i, boundary)
             return callback_kwargs
@@ -385,10 +411,14 @@ class Runner:
             modifiers.apply_all(pipe, run.mods)  # the new expert gets the run's modifiers, the offload rung last
 
     def _decode(self, run: Run) -> decode.DecodeStats:
+        started = time.perf_counter()
+
         def on_chunk(j, m):
-            run.emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}"))
+            eta = (time.perf_counter() - started) / j * (m - j) if j else None
+            run.emit(ProgressEvent("decoding", j, m, f"decoding chunk {j}/{m}", eta))
             self._fault("decoding", j)
             run.check_stop()
+            run.check_memory()
 
         run.emit(ProgressEvent("decoding", 0, 0, "decoding"))
         # The decode steps down its own rungs only once no offload rung is left: the ladder's order.
@@ -438,6 +468,18 @@ class Runner:
                 run.warn(note)
             current = Path(done.video)
         return bool(run.resolved.finishing)
+
+
+def check_host_room(plan: Plan, resident_bytes: int = 0) -> None:
+    """Under a container's (or the commit) limit, nothing swaps: a run whose host need is over the room left now is
+    not started (the planner fitted it to the room when it planned; other programs may have taken memory since).
+    `resident_bytes`: the cache's weights for this run already in RAM (counted as room, as the planner does)."""
+    limit = host_limit()
+    if limit.kind == "machine" or not plan.fits or plan.host_need_bytes <= limit.available_bytes + resident_bytes:
+        return
+    raise RunFailed(f"not started: the plan needs {plan.host_need_bytes / 2**30:.2f} GiB of host RAM and the "
+                    f"{limit.text()} now (it had {plan.host_budget_bytes / 2**30:.2f} GiB when planned); free memory "
+                    "or choose smaller settings")
 
 
 def read_inputs(req: GenerationRequest) -> tuple[dict, list[str]]:

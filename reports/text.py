@@ -54,6 +54,10 @@ def plan_markdown(req: "GenerationRequest", plan: "Plan") -> str:
         "",
         f"**Predicted peak:** {gpu} · RAM {fmt_bytes(plan.predicted_peak_host_bytes)} of {fmt_bytes(host_budget)} · "
         f"{verdict} (budgets: free memory after the safety margins)",
+        "",
+        f"**Host RAM:** budget from the {plan.host_limit or 'machine'} · anonymous "
+        f"{fmt_bytes(plan.predicted_anon_host_bytes)} + memory-mapped weights {fmt_bytes(plan.predicted_mapped_host_bytes)}"
+        f" (file pages the kernel can drop and read again) · must stay resident {fmt_bytes(plan.host_need_bytes)}",
     ]
     if plan.stages:
         lines += ["", "| stage | predicted peak GPU | predicted peak RAM |", "|---|---|---|"]
@@ -86,7 +90,8 @@ def memory_markdown(info: "DeviceInfo") -> str:
     if not info.cuda:
         lines.append("| GPU | no CUDA GPU | | |")
     host_used, host_free = info.host_total_bytes - info.host_available_bytes, info.host_available_bytes
-    lines.append(f"| host RAM | {fmt_bytes(host_used)} | {fmt_bytes(host_free)} | {fmt_bytes(info.host_total_bytes)} |")
+    label = "host RAM" if info.host_limit_kind == "machine" else f"host RAM: {info.host_limit_text}"
+    lines.append(f"| {label} | {fmt_bytes(host_used)} | {fmt_bytes(host_free)} | {fmt_bytes(info.host_total_bytes)} |")
     lines.append(f"| this process (RSS) | {fmt_bytes(info.process_rss_bytes)} | | |")
     return "\n".join(lines)
 

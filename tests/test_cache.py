@@ -180,7 +180,7 @@ def test_a_load_that_would_overflow_ram_evicts_the_least_recently_used_pipeline_
     assert cache.keys() == [("tiny-wan", "t2v", "none"), ("tiny-cogvideox", "t2v", "none"), ("tiny-wan", "v2v", "none")]
     dtype = torch.float32
     need = cache.load_bytes("tiny-wan", {}, dtype)
-    assert need == 4 * sum(__import__("configs.schema").schema.get_model_spec("tiny-wan").params.values())
+    assert need == 4 * sum(__import__("configs.registry").registry.get_model_spec("tiny-wan").params.values())
     assert cache.load_bytes("tiny-wan", {"text_encoder": None, "vae": None}, dtype) < need  # shared / left out
     # Now RAM is short: a tiny-cogvideox i2v load (new transformer) must make room. The LRU entry,
     # tiny-wan t2v, shares nothing with it and goes; tiny-cogvideox t2v shares its VAE and text encoder, stays.
@@ -227,12 +227,12 @@ def test_an_expert_loaded_again_mid_run_makes_room_first_but_never_evicts_its_ow
     monkeypatch.setattr(cache_mod, "load_shared_pipeline", lambda *a: _Pipe(_fake_loader(*a).components))
     monkeypatch.setattr(loaders, "load_component",
                         lambda model, task, comp, dtype: torch.nn.Linear(
-                            __import__("configs.schema").schema.get_model_spec(model).params[comp], 1, bias=False))
+                            __import__("configs.registry").registry.get_model_spec(model).params[comp], 1, bias=False))
     free = {"bytes": HOST_MARGIN_BYTES + 10**9}
     cache = PipelineCache(max_size=4, available_bytes=lambda: free["bytes"])
     cache.get("tiny-wan-moe", "t2v", without=("transformer_2",))  # high-noise expert only
     cache.get("tiny-cogvideox", "t2v")  # unrelated, more recently used
-    expert_bytes = 4 * __import__("configs.schema").schema.get_model_spec("tiny-wan-moe").params["transformer_2"]
+    expert_bytes = 4 * __import__("configs.registry").registry.get_model_spec("tiny-wan-moe").params["transformer_2"]
     free["bytes"] = HOST_MARGIN_BYTES + expert_bytes - 1  # RAM is one byte short for the low-noise expert
     dropped = []
     real_drop = cache._drop

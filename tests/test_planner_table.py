@@ -40,7 +40,7 @@ def _any_pair_fits(model, gpu_gb, ram_gb, host_only=None):
     backend = "cuda" if gpu_gb else "cpu"
     gpu_budget = (device.gpus[0].total_bytes - gpu_margin_bytes(device.gpus[0])) if gpu_gb else None
     host_budget = device.host_available_bytes - HOST_MARGIN_BYTES
-    for host in host_rungs(arch.experts, w.quant):
+    for host in host_rungs(arch.experts, w.quant, bool(w.mapped)):
         if host_only and host != host_only:
             continue
         hw = w.replace(host_rung=host, quant="fp8-storage" if HOST_MEASURES[host].low_precision else w.quant)
@@ -48,7 +48,7 @@ def _any_pair_fits(model, gpu_gb, ram_gb, host_only=None):
             for d in _decode_options(arch, hw):
                 est = estimate(arch, hw.replace(decode=d), rung, backend)
                 gpu_ok = gpu_budget is None or est.peak_device_bytes <= gpu_budget
-                if gpu_ok and est.peak_host_bytes <= host_budget and (backend == "cuda" or est.peak_device_bytes <= host_budget):
+                if gpu_ok and est.host_need_bytes <= host_budget:
                     return True
     return False
 
@@ -67,9 +67,10 @@ def test_no_row_fits_when_either_predicted_peak_exceeds_its_budget(table):
             gpu = plan_table.machine(r.gpu_gb, r.ram_gb).gpus[0]
             assert p.budget_bytes == gpu.total_bytes - gpu_margin_bytes(gpu)
             assert p.predicted_peak_gpu_bytes == max(p.stages.values())
-        if p.fits:
-            assert p.predicted_peak_host_bytes <= p.host_budget_bytes, r
-            assert (p.predicted_peak_gpu_bytes if r.gpu_gb else p.predicted_peak_host_bytes) <= p.budget_bytes, r
+        if p.fits:  # what must stay resident fits (the peak, or anonymous memory + a layer when read in place)
+            assert p.host_need_bytes <= p.host_budget_bytes, r
+            assert p.host_need_bytes == p.predicted_peak_host_bytes or p.host_rung == "in-place", r
+            assert (p.predicted_peak_gpu_bytes if r.gpu_gb else p.host_need_bytes) <= p.budget_bytes, r
         else:
             assert "does not fit" in p.summary
 
@@ -110,13 +111,14 @@ def test_rows_the_issue_found_breaking_the_computer_now_respect_the_ram(table):
     assert cog.fits and cog.host_rung == "disk" and cog.predicted_peak_host_bytes <= cog.host_budget_bytes
     # Wan 2.2 A14B: one expert in RAM when both do not fit; weights from disk on small machines.
     assert rows[(A14B, 24, 64)].host_rung == "one-expert" and rows[(A14B, 24, 64)].experts_in_ram == 1
-    assert rows[(A14B, None, 16)].host_rung == "disk" and rows[(A14B, None, 16)].fits
+    # without a GPU the weights are read in place from their memory-mapped files (nothing copied, nothing written)
+    assert rows[(A14B, None, 16)].host_rung == "in-place" and rows[(A14B, None, 16)].fits
     assert rows[(WAN_1_3B, 24, 64)].host_rung == "ram" and rows[(WAN_1_3B, 24, 64)].offload == "none"
 
 
 def test_without_free_disk_the_disk_rows_say_what_the_disk_rung_needs():
     no_disk = {(r.model, r.gpu_gb, r.ram_gb): r.plan for r in plan_table.rows(disk_free=0)}
-    p = no_disk[(WAN_14B, None, 16)]
+    p = no_disk[(WAN_14B, 12, 16)]  # on a GPU the offloaded weights are copies in RAM: nothing is read in place
     assert not p.fits and p.host_rung != "disk"
     need = next(r for r in p.reasons if r.startswith("suggestion: the disk rung fits"))
     assert "28.6 GiB free disk" in need and "has 0 MiB free" in need  # 14.3 B params x 2 bytes + 2 GiB margin

@@ -104,6 +104,9 @@ class Workload:
     decode: DecodeSettings = DecodeSettings()
     host_rung: HostRung = "ram"  # what is held in host RAM (vram_utils/ladder.py HOST_MEASURES)
     step_cache: str = "off"  # the run's step cache: it keeps hidden-state tensors between steps (STEP_CACHE_TENSORS)
+    # components whose weights load memory-mapped from safetensors files (stored in the dtype they load in):
+    # file-backed pages, not anonymous memory (see `mapped_components`)
+    mapped: frozenset[str] = frozenset()
 
     def replace(self, **changes) -> "Workload":
         import dataclasses
@@ -116,10 +119,24 @@ class StageEstimate:
     name: str
     weights_bytes: int  # weights resident on the computing device during the stage
     activation_bytes: int  # live activations of the stage, persistent tensors included
+    # Host RAM only: of `weights_bytes`, the memory-mapped part (file pages the kernel can drop and read again), and
+    # of that the part that must stay resident while the stage computes (the layer computing)
+    mapped_bytes: int = 0
+    working_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
+        """What the stage holds when nothing is dropped (the process's RSS above its baseline, uncapped)."""
         return self.weights_bytes + self.activation_bytes
+
+    @property
+    def anon_bytes(self) -> int:
+        """What no memory limit can reclaim: everything but the mapped weights."""
+        return self.peak_bytes - self.mapped_bytes
+
+    def need_bytes(self, in_place: bool) -> int:
+        """What must fit the budget: everything, or (weights read in place) anonymous + the layer computing."""
+        return self.anon_bytes + self.working_bytes if in_place else self.peak_bytes
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,26 @@ class Estimate:
     def peak_host_stage(self) -> str:
         stages = self.host_stages if self.backend == "cuda" and self.host_stages else self.stages
         return max(stages, key=lambda s: s.peak_bytes).name
+
+    @property
+    def _host(self) -> tuple[StageEstimate, ...]:
+        return self.host_stages if self.backend == "cuda" and self.host_stages else self.stages
+
+    @property
+    def host_need_bytes(self) -> int:
+        """Host RAM the budget must hold: the peak, or on the in-place rung anonymous memory + the layer computing
+        (mapped weights beyond that are dropped and read again)."""
+        in_place = HOST_MEASURES[self.host_rung].in_place
+        return max(s.need_bytes(in_place) for s in self._host)
+
+    @property
+    def peak_host_anon_bytes(self) -> int:
+        """Anonymous host RAM at its largest stage: what a memory limit cannot take back."""
+        return max(s.anon_bytes for s in self._host)
+
+    @property
+    def peak_host_mapped_bytes(self) -> int:
+        return max(s.mapped_bytes for s in self._host)
 
     def stage_dict(self) -> dict[str, int]:
         return {s.name: s.peak_bytes for s in self.stages}
@@ -218,7 +255,26 @@ def workload_for(request: GenerationRequest, spec: ModelSpec) -> Workload:
         quant=request.quant,
         decode=request.decode,
         step_cache=(request.step_cache or load_presets()[request.preset].step_cache).split(":")[0],
+        mapped=frozenset(c for c in spec.params if spec.stored_dtypes.get(c, spec.default_dtype) == spec.default_dtype),
     )
+
+
+def mapped_components(w: Workload) -> frozenset[str]:
+    """Components whose weights stay memory-mapped in RAM: loaded in their stored dtype (`w.mapped`), except the
+    transformers when quantized (int8 / fp8 / fp8 storage make anonymous copies) or streamed from disk."""
+    measures = HOST_MEASURES[w.host_rung]
+    if w.quant != "none" or measures.low_precision or measures.disk:
+        return w.mapped - set(TRANSFORMERS)
+    return w.mapped
+
+
+def working_bytes(arch: ModelArch, w: Workload, sizes: dict[str, int], component: str) -> int:
+    """Of a mapped component, what must stay resident while it computes: its largest layer (the one whose matrix
+    product runs; the kernel may drop the pages of the others). A text encoder's embedding is read by row."""
+    leaf = {"transformer": arch.transformer.largest_leaf_params, "vae": arch.vae.largest_leaf_params,
+            "text_encoder": arch.text_encoder.block_leaf_params}
+    params = leaf.get("transformer" if component in TRANSFORMERS else component, 0)
+    return min(sizes.get(component, 0), params * w.dtype_bytes) if params else min(sizes.get(component, 0), 64 * MIB)
 
 
 # --------------------------------------------------------------------------- component sizes
@@ -453,14 +509,19 @@ def host_stages(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[str,
     """Host RAM per stage on the CUDA backend (module docstring): weights held + host-side activations."""
     held_before: set[str] = set()
     out = []
+    mapped = mapped_components(w)
     for name in names:
         held = held_components(sizes, name, w.host_rung)
+        mapped_bytes = working = 0
         if offload == "none":  # weights pass through RAM in the stage that loads them, then live on the GPU
             loaded = held - held_before
             weights = sum(ram_bytes(arch, w, sizes, c, offload, "cuda") for c in loaded)
             if name == "denoise" and "transformer" in held and HOST_MEASURES[w.host_rung].one_expert:
                 weights = max(weights, ram_bytes(arch, w, sizes, "transformer", offload, "cuda"))  # the switch
-        else:
+            # mapped weights pass through as file pages, copied to the GPU one tensor at a time
+            mapped_bytes = min(weights, sum(sizes[c] for c in loaded & mapped))
+            working = max((working_bytes(arch, w, sizes, c) for c in loaded & mapped), default=0)
+        else:  # offloaded weights rest in RAM as copies (pinned for streams): anonymous
             weights = sum(ram_bytes(arch, w, sizes, c, offload, "cuda") for c in held)
         held_before = held
         act = CPU_RUNTIME_BYTES
@@ -468,7 +529,7 @@ def host_stages(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[str,
             act += w.frames * 3 * w.height * w.width
         if name == "decode":  # decoded uint8 frames, the float32 latents saved to disk, parked tile caches
             act += w.frames * 3 * w.height * w.width + latent_bytes(arch, w) + parked_cache_bytes(arch, w)
-        out.append(StageEstimate(name, weights, act))
+        out.append(StageEstimate(name, weights, act, mapped_bytes, working))
     return tuple(out)
 
 
@@ -499,21 +560,28 @@ def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: B
             names = tuple(set(names) | {"vae"})
         return sum(res.get(n, 0) for n in names)  # "transformer": one expert computes at a time
 
-    stages = [StageEstimate("text", on_device("text", "text_encoder"), text_activation_bytes(arch, w) + extra)]
+    def stage(name: str, names: tuple[str, ...], activations: int) -> StageEstimate:
+        """On the CPU the device is host RAM: the held weights loaded mapped stay file pages, read in place."""
+        weights = on_device(name, *names)
+        if backend == "cuda":
+            return StageEstimate(name, weights, activations)
+        held = held_components(sizes, name, w.host_rung) & mapped_components(w)
+        return StageEstimate(name, weights, activations, min(weights, sum(sizes[c] for c in held)),
+                             max((working_bytes(arch, w, sizes, c) for c in held & set(names)), default=0))
+
+    stages = [stage("text", ("text_encoder",), text_activation_bytes(arch, w) + extra)]
     if "image_encoder" in sizes:
-        stages.append(StageEstimate("image", on_device("image", "image_encoder"),
-                                    image_encoder_activation_bytes(arch, w) + embeds + extra))
+        stages.append(stage("image", ("image_encoder",), image_encoder_activation_bytes(arch, w) + embeds + extra))
     if encodes:
         # model offload: the VAE's hook only offloads the transformer before it, so the encoder that ran
         # last (text or image) is still on the GPU while the VAE encodes
         before = "image_encoder" if "image_encoder" in sizes else "text_encoder"
         names = ("vae", before) if rung == "model" else ("vae",)
-        stages.append(StageEstimate("encode", on_device("encode", *names),
-                                    encode_activation_bytes(arch, w, backend) + embeds + extra))
+        stages.append(stage("encode", names, encode_activation_bytes(arch, w, backend) + embeds + extra))
     # model offload: the VAE stays on the GPU through denoising once it has encoded
     names = ("transformer", "vae") if (rung == "model" and encodes) else ("transformer",)
-    stages.append(StageEstimate("denoise", on_device("denoise", *names), denoise_activation_bytes(arch, w) + embeds + extra))
-    stages.append(StageEstimate("decode", on_device("decode", "vae"), decode_activation_bytes(arch, w, backend) + extra))
+    stages.append(stage("denoise", names, denoise_activation_bytes(arch, w) + embeds + extra))
+    stages.append(stage("decode", ("vae",), decode_activation_bytes(arch, w, backend) + extra))
     host = host_stages(arch, w, rung, sizes, tuple(s.name for s in stages)) if backend == "cuda" else tuple(stages)
     return Estimate(asked, backend, tuple(stages), sizes, host, w.host_rung)
 

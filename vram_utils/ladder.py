@@ -13,7 +13,10 @@ Rungs, fastest first:
             measures above it except where said: ram (everything in RAM at the model's dtype) ->
             text-encoder-first (the prompt is encoded first and the text encoder freed before the rest
             loads) -> one-expert (two-expert models only: one expert in RAM at a time, the second loaded at
-            the switch) -> low-precision (transformer weights stored in RAM at fp8) -> disk (the
+            the switch) -> in-place (weights memory-mapped from their safetensors files are read in place:
+            only the layer computing must stay resident, the kernel drops and re-reads the rest under pressure,
+            slower but nothing is copied; only where some weights load mapped) -> low-precision (transformer
+            weights stored in RAM at fp8, anonymous: not in place) -> disk (the
             transformers' block groups streamed from files under $FITVIDEO_HOME, on top of any offload rung:
             vram_utils/offload.py; bf16 as loaded, so without low-precision; one expert at a time, so that a
             load that materialises an expert before writing its files holds one, not two).
@@ -52,6 +55,7 @@ class HostMeasures:
 
     release_text_encoder: bool = False
     one_expert: bool = False
+    in_place: bool = False  # mapped weights count only the layer computing (the kernel may drop the others' pages)
     low_precision: bool = False  # transformer weights stored as fp8 (quant "fp8-storage")
     disk: bool = False
 
@@ -60,29 +64,52 @@ HOST_MEASURES: dict[str, HostMeasures] = {
     "ram": HostMeasures(),
     "text-encoder-first": HostMeasures(release_text_encoder=True),
     "one-expert": HostMeasures(release_text_encoder=True, one_expert=True),
+    "in-place": HostMeasures(release_text_encoder=True, one_expert=True, in_place=True),
     "low-precision": HostMeasures(release_text_encoder=True, one_expert=True, low_precision=True),
     "disk": HostMeasures(release_text_encoder=True, one_expert=True, disk=True),
 }
+# What reading weights in place costs when RAM holds less of them than the run reads each step: measured by
+# bench/host_ram.py --rungs in-place (a 4-block Wan-14B-width transformer on the CPU, time per step at caps of
+# 1.0x, 0.5x and 0.25x of the weight bytes); the plan's text quotes it.
+IN_PLACE_SLOWDOWN = "measured 1.0x / 1.3x / 1.6x the step time with 1.0 / 0.5 / 0.25 of the weights in RAM"
 HOST_RUNG_TEXT = {  # one line each, for the plan's reasons
     "ram": "every component in RAM at the model's dtype",
     "text-encoder-first": "the prompt encoded first and the text encoder freed before the transformer loads",
     "one-expert": "one expert in RAM at a time (the low-noise expert loads at the switch, the first is freed)",
+    "in-place": ("memory-mapped weights read in place from their files: only the layer computing must stay in RAM; "
+                 f"when RAM holds less than the weights the kernel drops and re-reads pages every step "
+                 f"({IN_PLACE_SLOWDOWN}, bench/host_ram.py)"),
     "low-precision": "transformer weights stored in RAM at fp8 (cast to the compute dtype layer by layer)",
     "disk": "transformer weights streamed from disk, one block group at a time (group offload to files)",
 }
 assert tuple(HOST_MEASURES) == HOST_RUNGS
 
 
-def host_rungs(experts: int, quant: Quant) -> tuple[HostRung, ...]:
+def host_rungs(experts: int, quant: Quant, mapped: bool = True) -> tuple[HostRung, ...]:
     """The host rungs that change something for this model, fastest first: one-expert only for a two-expert
-    model, low-precision only when the weights are not already quantized."""
+    model, in-place only where some weights load memory-mapped (`mapped`), low-precision only when the weights are
+    not already quantized."""
     out = []
     for rung in HOST_RUNGS:
         m = HOST_MEASURES[rung]
-        if (rung == "one-expert" and experts < 2) or (m.low_precision and quant != "none"):
+        if (rung == "one-expert" and experts < 2) or (m.low_precision and quant != "none") or \
+                (m.in_place and not mapped):
             continue
         out.append(rung)
     return tuple(out)  # type: ignore[return-value]
+
+
+def step_host(plan: Plan) -> tuple[Plan, str] | None:
+    """During a run whose host RAM neared its limit: the next host rung that frees RAM the run holds (the text
+    encoder released before the transformers load, then the transformers' weights streamed from disk), with a
+    line for the person; None when none is left below the plan's."""
+    experts = 2 if plan.experts_in_ram else 1
+    for rung in ("text-encoder-first", "disk"):
+        if HOST_RUNGS.index(rung) > HOST_RUNGS.index(plan.host_rung):
+            flags = host_flags(rung, experts)  # type: ignore[arg-type]
+            flags.pop("quant", None)
+            return plan.replace(**flags), f"host {plan.host_rung} -> {rung}"
+    return None
 
 
 def host_flags(rung: HostRung, experts: int) -> dict:

@@ -10,9 +10,13 @@ Two budgets (DESIGN.md "Memory: the ladder, two budgets"):
         the caller already holds there and will reuse or drop, e.g. a cached pipeline's weights), minus a
         margin for what the estimate does not see: a CUDA context not created yet (~0.3-0.5 GiB),
         caching-allocator fragmentation and kernel workspaces. Margin = 512 MiB + 5% of the card.
-  RAM   `host_available_bytes + resident_host_bytes - HOST_MARGIN_BYTES`: what the OS says is available,
-        plus the cache's weights for this run already in RAM (the run needs no second copy), minus 1 GiB for
-        the OS and the app's own growth. Without a GPU it is the only budget.
+  RAM   `host_available_bytes + resident_host_bytes - margin`: the room under the host limit that binds (the
+        machine's available memory, or a container's memory cgroup: vram_utils/host_budget.py), plus the cache's
+        weights for this run already in RAM (the run needs no second copy), minus a margin for the OS and the
+        app's own growth (1 GiB on a machine; 5 % of a container's limit, at least 64 MiB: the OS is outside it).
+        Without a GPU it is the only budget. What must fit it is the host need: every byte the run holds, or on
+        the in-place rung its anonymous memory plus the layer computing (memory-mapped weights are file pages the
+        kernel drops and reads again; see vram_utils/estimate.py).
 
 Search order, fastest first: host rungs outer, offload rungs inner (ram with none, model, group, sequential;
 then text-encoder-first with each; ...). A lower offload rung never needs less RAM (streams pin a copy of
@@ -59,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 MARGIN_FIXED_BYTES = 512 * MIB
 MARGIN_FRACTION = 0.05
-HOST_MARGIN_BYTES = 1 * GIB  # the OS and the app's own growth on the host side
+HOST_MARGIN_BYTES = 1 * GIB  # the OS and the app's own growth on the host side, on a machine
+LIMIT_MARGIN_FRACTION, LIMIT_MARGIN_MIN_BYTES = 0.05, 64 * MIB  # under a container's limit (the OS is outside it)
 # Free disk the disk rung keeps beyond the files it writes (the outputs and latents of the run go there too).
 DISK_MARGIN_BYTES = 2 * GIB
 MIN_TILE_PX = TILE_FLOOR_PX  # the ladder's one tile floor (vram_utils/ladder.py)
@@ -78,6 +83,14 @@ def gib(n: int) -> str:
 
 def gpu_margin_bytes(gpu: GpuInfo) -> int:
     return MARGIN_FIXED_BYTES + int(MARGIN_FRACTION * gpu.total_bytes)
+
+
+def host_margin_bytes(device: DeviceInfo) -> int:
+    """What the host budget keeps back: 1 GiB on a machine (the OS lives there too); under a container's or the
+    commit limit 5 % of it, at least 64 MiB and at most 1 GiB."""
+    if device.host_limit_kind == "machine":
+        return HOST_MARGIN_BYTES
+    return min(HOST_MARGIN_BYTES, max(LIMIT_MARGIN_MIN_BYTES, int(LIMIT_MARGIN_FRACTION * device.host_total_bytes)))
 
 
 def disk_free_bytes(path: Path | None = None) -> int:
@@ -132,6 +145,8 @@ class _Target:
     reasons: list[str]
     host_budget: int = 0
     disk_free: int | None = None  # None: not checked, the disk rung is not offered
+    host_limit: str = ""  # where the host budget comes from ("container limit 2.0 GiB (cgroup v1 /x)")
+    host_margin: int = HOST_MARGIN_BYTES
 
     @property
     def search_rungs(self) -> tuple[Offload, ...]:
@@ -142,7 +157,9 @@ class _Target:
         return RUNG_TEXT[offload] if self.backend == "cuda" else "the CPU run"
 
     def fits(self, est: Estimate) -> bool:
-        return est.peak_device_bytes <= self.budget and est.peak_host_bytes <= self.host_budget
+        if self.backend == "cpu":  # host RAM computes: what must stay resident, mapped weights read in place
+            return est.host_need_bytes <= self.host_budget
+        return est.peak_device_bytes <= self.budget and est.host_need_bytes <= self.host_budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +186,7 @@ def _disk_ok(arch: ModelArch, w: Workload, t: _Target) -> bool:
 def _pairs(arch: ModelArch, w: Workload, t: _Target, rungs, any_disk: bool = False) -> Iterator[tuple[Offload, Workload]]:
     """(offload rung, workload at a host rung), fastest first (module docstring); `any_disk` offers the
     disk rung whatever the free disk (to say what it would need)."""
-    for host in host_rungs(arch.experts, w.quant):
+    for host in host_rungs(arch.experts, w.quant, bool(w.mapped)):
         hw = _host_workload(w, host)
         disk = HOST_MEASURES[host].disk
         if disk and not (any_disk or _disk_ok(arch, hw, t)):
@@ -233,7 +250,8 @@ def _lowest(arch: ModelArch, w: Workload, t: _Target) -> _Choice:
 def _miss(arch: ModelArch, w: Workload, rung: Offload, t: _Target) -> tuple[tuple[int, int], Estimate]:
     """(bytes over the two budgets, bytes the decode alone is over the device's), and the estimate."""
     est = estimate(arch, w, rung, t.backend)  # type: ignore[arg-type]
-    over = max(0, est.peak_device_bytes - t.budget) + max(0, est.peak_host_bytes - t.host_budget)
+    device = est.host_need_bytes if t.backend == "cpu" else est.peak_device_bytes
+    over = max(0, device - t.budget) + max(0, est.host_need_bytes - t.host_budget)
     return (over, max(0, est.stage_dict().get("decode", 0) - t.budget)), est
 
 
@@ -280,22 +298,28 @@ def _target(request: GenerationRequest, device: DeviceInfo, resident_bytes: int,
     and the host budget."""
     requested = request.offload
     gpu = device.best_gpu if device.cuda else None
+    margin = host_margin_bytes(device)
+    limit = device.host_limit_text
     if gpu is None:  # the CPU computes: the caller's resident bytes are host bytes
-        budget = max(0, device.host_available_bytes + max(resident_bytes, resident_host_bytes) - HOST_MARGIN_BYTES)
+        budget = max(0, device.host_available_bytes + max(resident_bytes, resident_host_bytes) - margin)
         rungs = ("none",) if requested == "auto" else (requested,)
         why = ("offload none: no CUDA GPU: running on the CPU" if requested == "auto"
                else f"offload {requested}: as requested (no CUDA GPU: it onloads to the CPU)")
-        return _Target("cpu", budget, rungs, "host RAM", "cpu", None, [why], budget, disk_free)  # type: ignore[arg-type]
+        return _Target("cpu", budget, rungs, "host RAM", "cpu", None, [why], budget, disk_free, limit,  # type: ignore[arg-type]
+                       margin)
     budget = max(0, gpu.free_bytes + resident_bytes - gpu_margin_bytes(gpu))
-    host_budget = max(0, device.host_available_bytes + resident_host_bytes - HOST_MARGIN_BYTES)
+    host_budget = max(0, device.host_available_bytes + resident_host_bytes - margin)
     rungs = LADDER if requested == "auto" else (requested,)
     return _Target("cuda", budget, rungs, f"GPU{gpu.index} ({gpu.name})", f"cuda:{gpu.index}", gpu, [],  # type: ignore[arg-type]
-                   host_budget, disk_free)
+                   host_budget, disk_free, limit, margin)
 
 
 def _peaks(est: Estimate, t: _Target) -> str:
-    """"GPU a of b, RAM c of d" (the CPU backend: RAM only)."""
-    ram = f"RAM {gib(est.peak_host_bytes)} of {gib(t.host_budget)}"
+    """"GPU a of b, RAM c of d" (the CPU backend: RAM only); on the in-place rung the RAM that must stay resident
+    and the mapped weights read in place."""
+    ram = f"RAM {gib(est.host_need_bytes)} of {gib(t.host_budget)}"
+    if HOST_MEASURES[est.host_rung].in_place:
+        ram += f" (+{gib(est.peak_host_mapped_bytes)} of mapped weights read in place)"
     return f"GPU {gib(est.peak_device_bytes)} of {gib(t.budget)}, {ram}" if t.backend == "cuda" else ram
 
 
@@ -326,7 +350,7 @@ def _suggest(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target) -> tuple
 def _rung_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice, auto: bool) -> str:
     peak = gib(choice.est.peak_device_bytes)
     if t.backend == "cpu":  # no live number here: what is free moves from one probe to the next, the decision does not
-        return f"host RAM: predicted {peak}, within what is available"
+        return f"host RAM: predicted {gib(choice.est.host_need_bytes)}, within what is available ({t.host_limit})"
     if not auto:
         return f"offload {choice.offload}: as requested, predicted {peak} of {gib(t.budget)}"
     faster = LADDER[: LADDER.index(choice.offload)]
@@ -339,7 +363,7 @@ def _rung_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice, auto
 
 def _host_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice) -> str:
     """The host rung in one line: what it does, its host peak against the RAM budget, what faster ones need."""
-    rungs = host_rungs(arch.experts, w.quant)
+    rungs = host_rungs(arch.experts, w.quant, bool(w.mapped))
     faster = rungs[: rungs.index(choice.host_rung)]
     needs = []
     for host in faster:
@@ -347,7 +371,7 @@ def _host_reason(arch: ModelArch, w: Workload, t: _Target, choice: _Choice) -> s
         needs.append(f"{host} {gib(estimate(arch, hw, choice.offload, t.backend).peak_host_bytes)}")  # type: ignore[arg-type]
     why = f"; faster host rungs need more ({', '.join(needs)})" if needs else ""
     return (f"host RAM {choice.host_rung}: {HOST_RUNG_TEXT[choice.host_rung]}; predicted {gib(choice.est.peak_host_bytes)} "
-            f"in {gib(t.host_budget)} available after a {gib(HOST_MARGIN_BYTES)} margin{why}")
+            f"in {gib(t.host_budget)} available ({t.host_limit}) after a {gib(t.host_margin)} margin{why}")
 
 
 def _decode_reason(arch: ModelArch, w: Workload, chosen: DecodeSettings, fits: bool = True) -> str:
@@ -382,7 +406,11 @@ def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: 
     Without a GPU (RAM is the computing device, and the torch allocator's failure is recoverable) the bound
     stays the RAM in all."""
     gpu_total = t.gpu.total_bytes if t.gpu is not None else device.host_total_bytes
-    host_bound = t.host_budget if t.backend == "cuda" else device.host_total_bytes
+    # under a container's limit nothing swaps: what does not fit the room left under it is killed, so it is the bound
+    limited = device.host_limit_kind != "machine"
+    host_bound = t.host_budget if t.backend == "cuda" or limited else device.host_total_bytes
+    if t.backend == "cpu" and limited:
+        gpu_total = host_bound
     empty = dataclasses.replace(t, budget=gpu_total, host_budget=host_bound, reasons=[])
     if _first_fit(arch, w, empty, any_disk=True) is not None:
         return ""
@@ -390,13 +418,16 @@ def _refusal(spec: ModelSpec, arch: ModelArch, w: Workload, t: _Target, device: 
     frames, model = hints
     hint = (f"; {frames} frames would fit" if frames else "") + (f"; {model} fits at its defaults" if model else "")
     head = f"{w.width}x{w.height}, {w.frames} frames on {spec.id} is too large for this machine: the planner predicts"
-    need, host_need = closest.est.peak_device_bytes, closest.est.peak_host_bytes
+    need, host_need = closest.est.peak_device_bytes, closest.est.host_need_bytes
     if t.backend == "cpu":
-        return (f"{head} {gib(need)} at its lowest setting ({t.rung_text(closest.offload)}), and {t.where} has "
-                f"{gib(gpu_total)} in all. Allowed: a size, frame count or model whose estimate fits{hint}")
+        room = f"{gib(gpu_total)} free under the {t.host_limit}" if limited else f"{gib(gpu_total)} in all"
+        return (f"{head} {gib(host_need)} at its lowest setting ({t.rung_text(closest.offload)}, host "
+                f"{closest.host_rung}), and {t.where} has {room}. Allowed: a size, frame count or model whose "
+                f"estimate fits{hint}")
     return (f"{head} GPU {gib(need)} and RAM {gib(host_need)} at its closest setting ({t.rung_text(closest.offload)}, "
             f"host {closest.host_rung}), and {t.where} has {gib(gpu_total)} in all, the computer {gib(host_bound)} of "
-            f"RAM available after the margin. Allowed: a size, frame count or model whose estimate fits{hint}")
+            f"RAM available after the margin ({t.host_limit}). Allowed: a size, frame count or model whose estimate "
+            f"fits{hint}")
 
 
 def _summary(arch: ModelArch, w: Workload, choice: _Choice, t: _Target, fits: bool) -> str:
@@ -404,7 +435,8 @@ def _summary(arch: ModelArch, w: Workload, choice: _Choice, t: _Target, fits: bo
     layout = tile_layout(choice.decode, (w.height, w.width), arch.vae.spatial_ratio)
     tiling = (f"on ({len(layout.ys)}x{len(layout.xs)} tiles, {layout.overhead:.2f}x pixels)" if layout.tiled
               else "off")
-    return (f"offload {choice.offload}, host {choice.host_rung}, tiling {tiling}, peak {_peaks(est, t)}"
+    limit = "" if t.host_limit.startswith("machine") else f" ({t.host_limit})"  # where the RAM budget comes from
+    return (f"offload {choice.offload}, host {choice.host_rung}, tiling {tiling}, peak {_peaks(est, t)}{limit}"
             + ("" if fits else " (does not fit)"))
 
 
@@ -453,7 +485,8 @@ def plan_for(
         stages=est.stage_dict(), reasons=tuple(t.reasons), summary=_summary(arch, w, choice, t, fits), device=t.device_name,
         fits=fits, budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0],
         suggested_model=hints[1], refused=refused, host_stages=est.host_stage_dict(), host_budget_bytes=t.host_budget,
-        **flags,
+        host_limit=t.host_limit, host_need_bytes=est.host_need_bytes, predicted_anon_host_bytes=est.peak_host_anon_bytes,
+        predicted_mapped_host_bytes=est.peak_host_mapped_bytes, **flags,
     )
 
 

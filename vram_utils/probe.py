@@ -38,9 +38,17 @@ class GpuInfo:
 class DeviceInfo:
     cuda: bool
     gpus: tuple[GpuInfo, ...]
-    host_total_bytes: int
-    host_available_bytes: int
+    host_total_bytes: int  # the limit that binds (vram_utils/host_budget.py): the machine's RAM, or a container's
+    host_available_bytes: int  # what a run may still take under it
     process_rss_bytes: int
+    host_limit_kind: str = "machine"  # "machine", "container limit" (a memory cgroup), "commit limit" (Windows)
+    host_limit_where: str = ""  # the cgroup's path
+
+    @property
+    def host_limit_text(self) -> str:
+        """Where the host budget comes from: "machine 23.5 GiB" / "container limit 2.0 GiB (cgroup v1 /x)"."""
+        where = f" ({self.host_limit_where})" if self.host_limit_where else ""
+        return f"{self.host_limit_kind} {self.host_total_bytes / GIB:.1f} GiB{where}"
 
     @property
     def best_gpu(self) -> GpuInfo | None:
@@ -49,6 +57,8 @@ class DeviceInfo:
 
     def summary(self) -> str:
         host = f"host RAM {self.host_available_bytes / GIB:.1f}/{self.host_total_bytes / GIB:.1f} GiB available"
+        if self.host_limit_kind != "machine":
+            host += f" ({self.host_limit_kind}{', ' + self.host_limit_where if self.host_limit_where else ''})"
         if not self.cuda or not self.gpus:
             return f"no CUDA GPU; {host}"
         parts = []
@@ -119,8 +129,11 @@ def _reserved_inactive(index: int) -> int:
 
 
 def probe() -> DeviceInfo:
-    """The memory of this machine right now. Works, and says "no CUDA GPU", without one."""
-    vm = psutil.virtual_memory()
+    """The memory of this machine right now: the GPUs, and the host RAM budget that binds (the least of the
+    machine's and any memory cgroup's room: vram_utils/host_budget.py). Works, and says "no CUDA GPU", without one."""
+    from vram_utils.host_budget import host_limit
+
+    limit = host_limit()
     rss = psutil.Process().memory_info().rss
     cuda = torch.cuda.is_available()
     gpus: list[GpuInfo] = []
@@ -148,9 +161,11 @@ def probe() -> DeviceInfo:
     return DeviceInfo(
         cuda=cuda and bool(gpus),
         gpus=tuple(gpus),
-        host_total_bytes=int(vm.total),
-        host_available_bytes=int(vm.available),
+        host_total_bytes=limit.limit_bytes,
+        host_available_bytes=limit.available_bytes,
         process_rss_bytes=int(rss),
+        host_limit_kind=limit.kind,
+        host_limit_where=limit.where,
     )
 
 

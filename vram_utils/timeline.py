@@ -59,6 +59,7 @@ class MemoryTimeline:
         gpu_index: int | str | None = None,
         tick_s: float | None = None,
         peaks: bool = False,
+        watch=None,
     ):
         if interval_s <= 0 or max_samples < 2:
             raise ValueError("interval_s must be > 0 and max_samples >= 2")
@@ -80,6 +81,7 @@ class MemoryTimeline:
         self._t_end: float | None = None
         # peaks=True: the run's one sampler also gives its measured peaks (PeakMeter without a thread of its own:
         # the kernel's exact high-water mark and CUDA's peak statistics, with these samples where VmHWM is missing)
+        self.watch = watch  # a vram_utils.host_budget.HostWatch polled from the same thread (one sampler per run)
         self.meter: PeakMeter | None = None
         if peaks:
             from vram_utils.probe import PeakMeter
@@ -122,6 +124,8 @@ class MemoryTimeline:
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             self.observe()
+            if self.watch is not None:
+                self.watch.poll(self.elapsed())
 
     def elapsed(self) -> float:
         """Seconds since the timeline started."""
