@@ -29,7 +29,8 @@ DEFAULT_QUEUE_SIZE = 16  # waiting jobs beyond this are refused ("queue full") i
 DEFAULT_MAX_UPLOAD = "200mb"  # per uploaded file (images, input videos)
 PAGE_REFRESH_S = 2.0  # one timer for the page: the Jobs panel, the memory panels (the live chart: ui.jobs)
 CSS = """
-.fv-plan table, .fv-memory table { font-size: 0.9em; }
+.fv-plan table, .fv-memory table, #jobs-table table { font-size: 0.9em; }
+#jobs-table th, #jobs-table td { white-space: nowrap; padding-top: 2px; padding-bottom: 2px; }
 .fv-header { margin-bottom: 0; }
 """
 

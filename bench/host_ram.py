@@ -111,6 +111,38 @@ def build_stack(folder: Path, blocks: int, seed: int = 0) -> int:
     return weight_bytes
 
 
+def build_pipeline(folder: Path, blocks: int, seed: int = 0) -> int:
+    """A Wan T2V pipeline folder around the `blocks`-deep 14B-width stack (`build_stack`), with a tiny VAE (tiny-wan's
+    architecture), a 4096-wide two-layer UMT5 text encoder (the width the transformer reads) and a 32-token
+    tokenizer, all stored in bf16 so every component loads memory-mapped: what `app.py generate --model FOLDER`
+    runs. Returns the transformer's weight bytes."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from families.tiny import make_tokenizer, t5_config
+
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(32)
+    config = t5_config(UMT5Config, len(tokenizer))
+    config.d_model = WAN_14B_CONFIG["text_dim"]
+    parts = dict(
+        tokenizer=tokenizer, text_encoder=UMT5EncoderModel(config).to(torch.bfloat16),
+        vae=AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                             temperal_downsample=[False, True, True]).to(torch.bfloat16),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          num_train_timesteps=1000, flow_shift=3.0),
+    )
+    WanPipeline(transformer=None, **parts).save_pretrained(folder)
+    weight_bytes = build_stack(folder / "transformer", blocks, seed)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer"] = ["diffusers", "WanTransformer3DModel"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return weight_bytes
+
+
 def drop_page_cache(paths) -> None:
     """Write back and drop these files' pages from the page cache (only theirs), so the next read comes from
     the disk and is charged to whoever reads it: a RAM cap then sees a first run's reads."""

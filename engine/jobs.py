@@ -336,18 +336,3 @@ def latents_saved(job: Job) -> bool:
     from engine.results import latents_path
 
     return latents_path(Path(job.out_path)).is_file()
-
-
-def jobs_markdown(jobs: list[Job]) -> str:
-    """The Jobs panel's table: running, waiting, then recently finished."""
-    if not jobs:
-        return "No jobs yet: Generate in any tab queues one here."
-    lines = ["| job | task | model | state | stage | progress | ETA |", "|---|---|---|---|---|---|---|"]
-    for j in jobs:
-        v = j.view()
-        progress = f"{v['step']}/{v['total']}" if v["total"] else ""
-        eta = f"{v['eta_s']:.0f} s" if v["eta_s"] is not None and j.state == "running" else ""
-        state = j.state + (f" ({j.resumed.split(' (')[0]})" if j.resumed else "") + (f": {j.error[:80]}" if j.error else "")
-        stage = (v["message"] or v["stage"]) if j.state == "running" else (Path(v["video"]).name if v["video"] else "")
-        lines.append(f"| `{j.id}` | {j.task.upper()} | {j.request.model} | {state} | {stage} | {progress} | {eta} |")
-    return "\n".join(lines)

@@ -47,6 +47,9 @@ class TransformerArch:
     act_elems_per_dim: float
     largest_leaf_params: int
     non_block_params: int
+    # parameters the model keeps in float32 whatever the load dtype (diffusers' `_keep_in_fp32_modules`): converted
+    # on load into anonymous memory, 4 bytes each
+    fp32_params: int = 0
 
     @property
     def block_params(self) -> int:

@@ -139,7 +139,18 @@ class Wan(ModelFamily):
             patch_t=int(patch[0]), patch_hw=int(patch[1]), joint_text_tokens=0, cfg_in_batch=False,
             act_elems_per_dim=4.4,  # measured on Wan 2.1 (float32 norms and residuals)
             largest_leaf_params=parts["largest_leaf"], non_block_params=parts["non_block"],
+            fp32_params=self._fp32_params(cfg),
         )
+
+    @staticmethod
+    def _fp32_params(cfg: dict) -> int:
+        """WanTransformer3DModel keeps `time_embedder`, `scale_shift_table` and `norm2` in float32 (diffusers'
+        `_keep_in_fp32_modules`): the time embedder's two Linears (freq_dim -> dim -> dim), the output's 2 x dim
+        table, and per block a 6 x dim table and norm2's weight and bias. 27.7 M for a 4-block 14B-width stack,
+        checked against a loaded model."""
+        dim = int(cfg["num_attention_heads"]) * int(cfg.get("attention_head_dim", 128))
+        freq = int(cfg.get("freq_dim", 256))
+        return freq * dim + dim + dim * dim + dim + 2 * dim + int(cfg["num_layers"]) * 8 * dim
 
     def vae_arch(self, cfg: dict, parts: dict[str, int]) -> VaeArch:
         top = int(cfg.get("decoder_base_dim") or cfg.get("base_dim", 96))

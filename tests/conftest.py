@@ -85,3 +85,25 @@ def sample_video(tmp_path):
     with VideoWriter(path, fps=8) as writer:
         writer.write(frames)
     return path
+
+
+@pytest.fixture(scope="session")
+def wan_pipeline():
+    """A Wan T2V pipeline folder around a 4-block Wan-14B-width transformer (bench/host_ram.py `build_pipeline`: 3.05
+    GiB of random bf16 weights, a tiny VAE, a 4096-wide two-layer text encoder, all bf16). Built once per checkout
+    under .cache/ in a child process (so no test process holds it), under a lock: two test workers share it."""
+    import fcntl
+    import subprocess
+
+    folder = ROOT / ".cache" / "wan14b-pipeline-4"
+    ROOT.joinpath(".cache").mkdir(exist_ok=True)
+    with open(ROOT / ".cache" / "wan14b-pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").is_file():
+            code = ("import sys, shutil; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                    "from bench.host_ram import build_pipeline; f = Path(sys.argv[2]); shutil.rmtree(f, True); "
+                    "n = build_pipeline(f, 4); (f / 'done').write_text(str(n))")
+            proc = subprocess.run([sys.executable, "-c", code, str(ROOT), str(folder)], capture_output=True,
+                                  text=True, check=False)
+            assert proc.returncode == 0, f"building the 14B-width stack failed: {proc.stderr[-2000:]}"
+    return folder, int((folder / "done").read_text())

@@ -41,6 +41,7 @@ def server(tmp_path_factory, tiny_models):
     runner = Runner(PipelineCache(max_size=2), outputs_dir=outputs)
     ui = app.build_app(runner)
     url = app.serve(ui)
+    runner.test_ui = ui  # for the tests that set the app's state directly
     yield url, outputs, runner
     ui.demo.close()
 
@@ -352,7 +353,7 @@ def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_dat
     page.reload()
     page.locator("#jobs-table").wait_for()
     wait_text(page, "jobs-table", "running")
-    assert "denoising step" in page.locator("#jobs-table").inner_text()
+    assert re.search(r"denoising \d+/60", page.locator("#jobs-table").inner_text())  # its stage and step
     page.screenshot(path=str(ARTIFACTS / "browser_jobs_reloaded.png"), full_page=True)
     page.wait_for_function("!document.querySelector('#jobs-table').innerText.includes('running')")
     page.locator("#jobs-result video").wait_for(state="attached")
@@ -368,3 +369,42 @@ def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_dat
     page.wait_for_function("document.querySelectorAll('#plan-chart .mark-rect path').length >= 2",
                            timeout=UI_TIMEOUT_MS)
     page.screenshot(path=str(ARTIFACTS / "browser_charts.png"), full_page=True)
+
+
+def test_with_thirty_finished_jobs_the_generate_button_stays_on_the_first_screen(page, server):
+    """The Jobs panel above the tabs lists the running and waiting jobs and the last few finished ones (the rest
+    are counted: the Gallery has them), each with the start of its prompt and its seed; on a 1280x900 window the
+    T2V form's Generate button is visible without scrolling."""
+    from configs.schema import GenerationRequest
+    from engine.jobs import Job
+    from reports.jobs import SHOWN_FINISHED
+
+    url, outputs, runner = server
+    queue = runner.test_ui.ctx.queue
+    for i in range(30):  # what 30 finished runs leave in the queue's memory
+        request = GenerationRequest(model="tiny-wan", task="t2v", prompt=f"a long prompt number {i} about a slow "
+                                    "green river under a cloudy sky", seed=1000 + i)
+        job = Job(f"done{i:02d}xyzabc", "t2v", request, str(outputs / f"x{i}.mp4"), state="done")
+        job.finished, job.started = time.time() + i, time.time() - 10 + i  # the newest finished
+        job.done.set()
+        queue._jobs[job.id] = job
+    size = page.viewport_size
+    try:
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#jobs-table') && "
+                               "document.querySelector('#jobs-table').innerText.includes('more finished jobs')",
+                               timeout=UI_TIMEOUT_MS)
+        text = page.locator("#jobs-table").inner_text()
+        finished = sum(j.state not in ("running", "waiting") for j in queue.jobs())  # 30, and earlier tests'
+        assert f"{finished - SHOWN_FINISHED} more finished jobs" in text and finished >= 30, text
+        assert text.count("\tdone\t") == SHOWN_FINISHED, text
+        assert "a long prompt number 29 abo…" in text and "1029" in text, text  # the newest: prompt and seed
+        box = page.locator("#t2v-generate").bounding_box()
+        page.screenshot(path=str(ARTIFACTS / "browser_jobs_30_finished.png"))
+        assert box is not None and box["y"] + box["height"] <= 900, f"Generate at {box} on a 900 px high window"
+    finally:
+        for job_id in [j for j in queue._jobs if j.startswith("done")]:
+            del queue._jobs[job_id]
+        page.set_viewport_size(size)
+        page.goto(url)

@@ -38,23 +38,12 @@ CAP_BYTES = 2 * GIB
 
 
 @pytest.fixture(scope="session")
-def wan_stack(tmp_path_factory):
-    """The saved stack (built once per session in a child process, so this one never holds it), its weight
-    bytes, and the arguments the child runs take."""
-    import subprocess
-    import sys
-
-    folder = tmp_path_factory.mktemp("wan14b-stack") / "model"
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from bench.host_ram import build_stack; print(build_stack(Path(sys.argv[2]), int(sys.argv[3])))")
-    proc = subprocess.run([sys.executable, "-c", code, str(host_ram.ROOT), str(folder), str(BLOCKS)],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, f"building the stack failed: {proc.stderr[-2000:]}"
-    weight_bytes = int(proc.stdout.strip().splitlines()[-1])
-    args = argparse.Namespace(model=str(folder), threads=os.cpu_count() or 1, latent_frames=1, latent_height=8,
-                              latent_width=8, text_tokens=16)
-    yield folder, weight_bytes, args
-    shutil.rmtree(folder.parent, ignore_errors=True)
+def wan_stack(wan_pipeline):
+    """The stack alone (the pipeline's transformer folder), its weight bytes, and the arguments child runs take."""
+    folder, weight_bytes = wan_pipeline
+    args = argparse.Namespace(model=str(folder / "transformer"), threads=os.cpu_count() or 1, latent_frames=1,
+                              latent_height=8, latent_width=8, text_tokens=16)
+    return folder / "transformer", weight_bytes, args
 
 
 def test_the_disk_rung_denoises_under_a_ram_cap_below_the_weights_and_without_it_the_run_is_killed(

@@ -36,15 +36,16 @@ def render() -> JobsPanel:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 table = gr.Markdown("No jobs yet.", elem_id="jobs-table")
-                with gr.Row():
-                    pick = gr.Dropdown([], value=None, label="Job", elem_id="jobs-pick", scale=3, allow_custom_value=True,
-                                       info="a running or waiting job")
-                    stop = gr.Button("Stop job", variant="stop", elem_id="jobs-stop", scale=1)
+                with gr.Row(equal_height=True):
+                    pick = gr.Dropdown([], value=None, label="Running or waiting job", elem_id="jobs-pick", scale=3,
+                                       allow_custom_value=True, container=False)
+                    stop = gr.Button("Stop job", variant="stop", elem_id="jobs-stop", scale=1, size="sm")
             with gr.Column(scale=2):
-                preview = gr.Image(None, label="Running job (latest preview)", elem_id="jobs-preview",
-                                   interactive=False, height=180, type="numpy")
-                result = gr.Video(None, label="Your latest result", elem_id="jobs-result", interactive=False,
-                                  height=180)
+                with gr.Row():
+                    preview = gr.Image(None, label="Running job (latest preview)", elem_id="jobs-preview",
+                                       interactive=False, height=150, type="numpy")
+                    result = gr.Video(None, label="Your latest result", elem_id="jobs-result", interactive=False,
+                                      height=150)
         data = gr.JSON(visible=False)
     return JobsPanel(table=table, preview=preview, result=result, pick=pick, stop=stop, data=data, shown=gr.State({}))
 
@@ -54,7 +55,7 @@ def listen(app: "FitVideoApp") -> tuple:
     timer (`listen_page_timer`)."""
     import gradio as gr
 
-    from engine.jobs import jobs_markdown
+    from reports.jobs import jobs_markdown
 
     ctx, panel = app.ctx, app.jobs
 
@@ -80,8 +81,8 @@ def make_refresh(app: "FitVideoApp"):
     own job's), the latest result, the live jobs to stop, and the gallery when a new result came."""
     import gradio as gr
 
-    from engine.jobs import jobs_markdown
     from engine.results import gallery_items, list_results
+    from reports.jobs import jobs_markdown
 
     ctx = app.ctx
 
@@ -96,7 +97,7 @@ def make_refresh(app: "FitVideoApp"):
                 and running.task == task else None for task in app.task_tabs]  # each tab: its own job's preview
         panel_preview = running.preview if running is not None else None
         stamp = (running.id, running.preview_n) if running is not None else None  # ids of arrays get reused
-        now = {"table": jobs_markdown(jobs), "video": latest, "pick": repr(live), "preview": repr(stamp),
+        now = {"table": jobs_markdown(jobs, running_memory(running)), "video": latest, "pick": repr(live), "preview": repr(stamp),
                "tabs": repr([stamp if m is not None else None for m in mine])}
         old = shown or {}
         same = {k: old.get(k) == v for k, v in now.items()}
@@ -110,6 +111,20 @@ def make_refresh(app: "FitVideoApp"):
                 gr.Dropdown(choices=[r.name for r in results]) if not same["video"] else gr.skip())
 
     return refresh
+
+
+def running_memory(job) -> str:
+    """The running job's memory for the panel (the process's RSS and the host budget that binds), or ""."""
+    if job is None:
+        return ""
+    import psutil
+
+    from reports.jobs import running_memory_line
+    from vram_utils.host_budget import host_limit
+
+    limit = host_limit()
+    plan = getattr(getattr(job.result, "plan", None), "host_need_bytes", 0)
+    return running_memory_line(psutil.Process().memory_info().rss, limit.text(), plan)
 
 
 def listen_page_timer(app: "FitVideoApp", timer, jobs: tuple, memory: tuple) -> None:

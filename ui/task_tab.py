@@ -69,40 +69,52 @@ class TaskTab:
 
 
 def render(task: str, statuses: "list[ModelStatus]") -> TaskTab:
-    """The tab: its settings and Generate / Stop on the left, the result on the right."""
+    """The tab: the model, inputs and prompt, then Generate / Stop and the plan line (on the first screen, whatever
+    the Jobs panel above holds), then the other settings; the result on the right."""
     import gradio as gr
 
     with gr.Tab(task.upper(), id=task) as tab:
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                settings = render_settings(task, statuses)
-                plan_line = gr.Markdown(label="Plan", elem_id=f"{task}-plan", elem_classes=["fv-plan"])
+                settings = render_head(task, statuses)
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id=f"{task}-generate")
                     stop = gr.Button("Stop", variant="stop", elem_id=f"{task}-stop")
+                plan_line = gr.Markdown(label="Plan", elem_id=f"{task}-plan", elem_classes=["fv-plan"])
+                settings.update(render_settings(task, settings["model"].value))
             with gr.Column(scale=1):
                 result = render_result(task)
     return TaskTab(task=task, tab=tab, plan_line=plan_line, generate=generate, stop=stop, **settings, **result)
 
 
-def render_settings(task: str, statuses: "list[ModelStatus]") -> dict[str, Any]:
-    """The request's fields, by name: model, inputs, prompt, sampling, size, finishing steps, LoRAs."""
+def render_head(task: str, statuses: "list[ModelStatus]") -> dict[str, Any]:
+    """The fields above Generate, by name: the model (and what it is), the input image / video, the prompt."""
     import gradio as gr
 
-    from configs.schema import PRESETS, GenerationRequest
-    from configs.registry import get_model_spec, load_presets
-    from reports.catalog import default_model, resolutions_for
+    from reports.catalog import default_model
 
     model = default_model(statuses)
-    spec = get_model_spec(model)
-    preset = load_presets()["balanced"]
     gr.Markdown(f"### {TITLES[task]}")
     parts: dict[str, Any] = {}
     parts["model"] = gr.Dropdown([(s.label, s.model) for s in statuses], value=model, label="Model",
                                  elem_id=f"{task}-model", info="only models that serve this task")
     parts["model_note"] = gr.Markdown(next(s.note for s in statuses if s.model == model), elem_id=f"{task}-model-note")
     parts.update(render_inputs(task))
-    parts["prompt"] = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=3, elem_id=f"{task}-prompt")
+    parts["prompt"] = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, elem_id=f"{task}-prompt")
+    return parts
+
+
+def render_settings(task: str, model: str) -> dict[str, Any]:
+    """The request's fields below Generate, by name: sampling, size, finishing steps, LoRAs."""
+    import gradio as gr
+
+    from configs.registry import get_model_spec, load_presets
+    from configs.schema import PRESETS, GenerationRequest
+    from reports.catalog import resolutions_for
+
+    spec = get_model_spec(model)
+    preset = load_presets()["balanced"]
+    parts: dict[str, Any] = {}
     parts["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=1, placeholder="blurry, distorted")
     parts["strength"] = None
     if task == "v2v":

@@ -268,6 +268,14 @@ def mapped_components(w: Workload) -> frozenset[str]:
     return w.mapped
 
 
+def mapped_size(arch: ModelArch, w: Workload, sizes: dict[str, int], component: str) -> int:
+    """Of a mapped component's weights, what stays memory-mapped: all but the parameters the model keeps in
+    float32 (converted on load: anonymous)."""
+    if component in TRANSFORMERS and w.dtype_bytes < 4:
+        return max(0, sizes[component] - 4 * arch.transformer.fp32_params)
+    return sizes[component]
+
+
 def working_bytes(arch: ModelArch, w: Workload, sizes: dict[str, int], component: str) -> int:
     """Of a mapped component, what must stay resident while it computes: its largest layer (the one whose matrix
     product runs; the kernel may drop the pages of the others). A text encoder's embedding is read by row."""
@@ -290,9 +298,10 @@ def transformer_weight_bytes(params: int, dtype_bytes: int, quant: Quant) -> int
 def component_bytes(arch: ModelArch, w: Workload) -> dict[str, int]:
     """Weight bytes per component; a two-expert model has `transformer` and `transformer_2`, equal in size."""
     b = w.dtype_bytes
+    fp32 = arch.transformer.fp32_params if b < 4 else 0  # kept in float32 whatever the dtype (family's arch)
     sizes = {
         "text_encoder": arch.text_encoder.params * b,
-        "transformer": transformer_weight_bytes(arch.transformer.params, b, w.quant),
+        "transformer": transformer_weight_bytes(arch.transformer.params - fp32, b, w.quant) + 4 * fp32,
         "vae": arch.vae.params * b,
     }
     for later in TRANSFORMERS[1:arch.experts]:  # each further expert has the first one's architecture
@@ -519,7 +528,7 @@ def host_stages(arch: ModelArch, w: Workload, offload: Offload, sizes: dict[str,
             if name == "denoise" and "transformer" in held and HOST_MEASURES[w.host_rung].one_expert:
                 weights = max(weights, ram_bytes(arch, w, sizes, "transformer", offload, "cuda"))  # the switch
             # mapped weights pass through as file pages, copied to the GPU one tensor at a time
-            mapped_bytes = min(weights, sum(sizes[c] for c in loaded & mapped))
+            mapped_bytes = min(weights, sum(mapped_size(arch, w, sizes, c) for c in loaded & mapped))
             working = max((working_bytes(arch, w, sizes, c) for c in loaded & mapped), default=0)
         else:  # offloaded weights rest in RAM as copies (pinned for streams): anonymous
             weights = sum(ram_bytes(arch, w, sizes, c, offload, "cuda") for c in held)
@@ -566,7 +575,7 @@ def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: B
         if backend == "cuda":
             return StageEstimate(name, weights, activations)
         held = held_components(sizes, name, w.host_rung) & mapped_components(w)
-        return StageEstimate(name, weights, activations, min(weights, sum(sizes[c] for c in held)),
+        return StageEstimate(name, weights, activations, min(weights, sum(mapped_size(arch, w, sizes, c) for c in held)),
                              max((working_bytes(arch, w, sizes, c) for c in held & set(names)), default=0))
 
     stages = [stage("text", ("text_encoder",), text_activation_bytes(arch, w) + extra)]

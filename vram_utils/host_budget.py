@@ -211,8 +211,9 @@ class HostWatch:
     HostMemoryPressure once the room under the binding limit has fallen below `reserve` (5 % of the limit, at
     least 64 MiB; 256 MiB on a machine without a limit, where the OS would start swapping)."""
 
-    def __init__(self, every_s: float = 0.25):
-        self.every_s = every_s
+    every_s = 0.25  # how often the room is read (the sampler ticks faster)
+
+    def __init__(self):
         self.tripped: tuple[int, HostLimit] | None = None
         self.lowest: int | None = None
         self._last = 0.0

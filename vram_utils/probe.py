@@ -258,10 +258,16 @@ class PeakMeter:
         self.peak_host_bytes = 0
         self.baseline_gpu_bytes = 0
         self.baseline_host_bytes = 0
+        # anonymous resident memory (RssAnon): what a memory limit cannot reclaim; sampled where a sampler notes it
+        self.peak_anon_bytes = 0
+        self.baseline_anon_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._hwm_ok = False
         self._cuda = False
+
+    def note_anon(self, value: int) -> None:
+        self.peak_anon_bytes = max(self.peak_anon_bytes, int(value))
 
     def _note_host(self, value: int | None) -> None:
         if value:
@@ -280,6 +286,9 @@ class PeakMeter:
             self.baseline_gpu_bytes = torch.cuda.memory_allocated(self.gpu_index)
         self.baseline_host_bytes = psutil.Process().memory_info().rss
         self.peak_host_bytes = self.baseline_host_bytes
+        from vram_utils.host_budget import process_anon_bytes
+
+        self.baseline_anon_bytes = self.peak_anon_bytes = process_anon_bytes()
         with _VMHWM_LOCK:
             before = _read_vmhwm()
             for meter in list(_ACTIVE_METERS):  # an outer meter keeps the peak it had seen
@@ -326,4 +335,6 @@ class PeakMeter:
             "peak_host_bytes": self.peak_host_bytes,
             "baseline_gpu_bytes": self.baseline_gpu_bytes,
             "baseline_host_bytes": self.baseline_host_bytes,
+            "peak_anon_bytes": self.peak_anon_bytes,
+            "baseline_anon_bytes": self.baseline_anon_bytes,
         }

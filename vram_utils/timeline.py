@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import psutil
 import torch
 
+from vram_utils.host_budget import process_anon_bytes
+
 if TYPE_CHECKING:
     from vram_utils.probe import PeakMeter
 
@@ -124,6 +126,8 @@ class MemoryTimeline:
     def _loop(self) -> None:
         while not self._stop.wait(self.tick_s):
             self.observe()
+            if self.meter is not None:
+                self.meter.note_anon(process_anon_bytes())
             if self.watch is not None:
                 self.watch.poll(self.elapsed())
 
