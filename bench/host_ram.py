@@ -15,6 +15,9 @@ before loading, the RSS after placing, the step time and the output.
 
   ram            weights in anonymous RAM at bf16, read tensor by tensor (`load_into_ram`): what the planner's
                  `ram` rung counts
+  in-place       loaded as the pipeline cache does (memory-mapped safetensors pages, read in place), uncapped and
+                 then under RAM caps of its start + 1.0x, 0.5x, 0.25x the weight bytes (`--caps`): two steps each,
+                 the second showing what re-reading dropped pages costs (the planner's in-place rung)
   low-precision  loaded as the pipeline cache does (memory-mapped), then stored as fp8 (quant.apply
                  "fp8-storage"), cast layer by layer
   disk           `plan.disk_offload`: group offload, one block per group, to $FITVIDEO_HOME/offload
@@ -71,7 +74,8 @@ WAN_14B_CONFIG = dict(
 # by default while quant.apply("fp8-storage") picks float32 as the compute dtype of a bf16 Wan transformer (its
 # first parameter, scale_shift_table, is kept in float32) and the step fails on a dtype mismatch. Then the
 # free-before-load rungs, each after the `ram` case that holds the same components (bench/host_ram_stages.py).
-RUNGS = ("ram", "disk", "disk", "ram+text-encoder", "text-encoder-first", "ram+experts", "one-expert")
+RUNGS = ("ram", "in-place", "disk", "disk", "ram+text-encoder", "text-encoder-first", "ram+experts", "one-expert")
+CAPS = (1.0, 0.5, 0.25)  # the in-place rung under a RAM cap of its start + this share of the weight bytes
 
 
 # --------------------------------------------------------------------------- the model
@@ -294,14 +298,17 @@ def child(args: argparse.Namespace) -> dict:
         model = _load(args.model, args.child)
         place_s = time.perf_counter() - t0
         placed = _status_bytes("VmRSS")
+        steps = []
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            out = model(latents.to(torch.bfloat16), torch.tensor([500]), text.to(torch.bfloat16), return_dict=False)[0]
-            step_s = time.perf_counter() - t0
+            for _ in range(max(1, args.repeat)):  # the first step reads from the disk; later ones re-read what dropped
+                t0 = time.perf_counter()
+                out = model(latents.to(torch.bfloat16), torch.tensor([500]), text.to(torch.bfloat16),
+                            return_dict=False)[0]
+                steps.append(time.perf_counter() - t0)
     if args.out:
         torch.save(out.float(), args.out)
     return dict(rung=args.child, start_rss=start, placed_rss=placed, peak_rss=_status_bytes("VmHWM"),
-                start_anon=start_anon, peak_anon=anon.peak, place_s=place_s, step_s=step_s)
+                start_anon=start_anon, peak_anon=anon.peak, place_s=place_s, step_s=steps[-1], first_step_s=steps[0])
 
 
 # --------------------------------------------------------------------------- a RAM cap (cgroup v1)
@@ -337,7 +344,7 @@ def run_child(rung: str, args: argparse.Namespace, cap_bytes: int | None = None,
     cmd = [sys.executable, str(Path(__file__)), "--child", rung, "--model", str(args.model),
            "--threads", str(args.threads), "--latent-frames", str(args.latent_frames),
            "--latent-height", str(args.latent_height), "--latent-width", str(args.latent_width),
-           "--text-tokens", str(args.text_tokens), "--out", str(out or "")]
+           "--text-tokens", str(args.text_tokens), "--out", str(out or ""), "--repeat", str(getattr(args, "repeat", 1))]
     for flag in ("encoder", "experts", "encoder_tokens"):  # the free-before-load cases' (bench/host_ram_stages.py)
         if getattr(args, flag, None):
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -385,8 +392,11 @@ def predicted(rung: str, args: argparse.Namespace, params: int) -> int:
                                 height=args.latent_height * 8, width=args.latent_width * 8, steps=1, guidance=1.0)
     w = workload_for(request, stack)
     w = w.replace(host_rung=rung, quant="fp8-storage" if rung == "low-precision" else w.quant)
+    if rung == "ram":  # read into anonymous memory (load_into_ram): nothing stays memory-mapped
+        w = w.replace(mapped=frozenset())
     est = estimate(arch_for(stack), w, "none", "cpu")
-    return next(st.peak_bytes for st in est.host_stages if st.name == "denoise")
+    stage = next(st for st in est.host_stages if st.name == "denoise")
+    return stage.need_bytes(rung == "in-place")
 
 
 def disk_line(path: Path) -> str:
@@ -446,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-tokens", type=int, default=512, help="tokens encoded (Wan pads prompts to 512)")
     p.add_argument("--expert-blocks", type=int, default=2, help="blocks of each expert (2 = 1.74 GiB)")
     p.add_argument("--experts", default="", help="two expert folders, high-noise,low-noise (built when empty)")
+    p.add_argument("--caps", default=",".join(map(str, CAPS)),
+                   help="in-place under RAM caps of its start + these shares of the weight bytes")
+    p.add_argument("--repeat", type=int, default=1, help=argparse.SUPPRESS)  # a child's steps
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -489,6 +502,36 @@ def _folders(args: argparse.Namespace, rungs: list[str], work: Path) -> dict[str
     return folders
 
 
+def in_place_rows(args: argparse.Namespace, env: dict) -> list[dict]:
+    """The in-place rung uncapped, then under caps of its start + each share of the weight bytes: two steps each."""
+    args.repeat = 2
+    weights = _weight_bytes(Path(args.model))
+    rows = [dict(run_child("in-place", args, env=env), rung="in-place", cap=None)]
+    for share in (float(s) for s in args.caps.split(",") if s.strip()):
+        cap = rows[0]["start_rss"] + int(share * weights)
+        r = run_child("in-place", args, cap_bytes=cap, env=env)
+        rows.append(dict(r, rung=f"in-place, cap start + {share:g}x weights", cap=cap))
+    args.repeat = 1
+    for r in rows:
+        if r["returncode"] != 0:
+            raise SystemExit(f"{r['rung']} failed (exit {r['returncode']}): {r['stderr_tail']}")
+        print(f"[{r['rung']}] steps {r['first_step_s']:.2f} s, {r['step_s']:.2f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def cap_table(rows: list[dict], weight_bytes: int) -> str:
+    """The in-place rung: the second step's time under each cap against the uncapped one's."""
+    free = next(r for r in rows if r["cap"] is None)
+    lines = ["| in-place, RAM cap | cap above start | 1st step s (reads the disk) | 2nd step s | 2nd step x uncapped "
+             "| anonymous peak above start |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        above = f"{(r['cap'] - r['start_rss']) / GIB:.2f} GiB ({(r['cap'] - r['start_rss']) / weight_bytes:.2f}x)" \
+            if r["cap"] else "none"
+        lines.append(f"| {r['rung']} | {above} | {r['first_step_s']:.2f} | {r['step_s']:.2f} | "
+                     f"{r['step_s'] / free['step_s']:.2f} | {(r['peak_anon'] - r['start_anon']) / GIB:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def _bench(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -502,6 +545,9 @@ def _bench(args: argparse.Namespace) -> int:
         env = {"FITVIDEO_HOME": str(work / "home")}
         rows = []
         for rung in rungs:
+            if rung == "in-place":
+                rows += in_place_rows(args, env)
+                continue
             r = run_child(rung, args, env=env)
             if r["returncode"] != 0:
                 raise SystemExit(f"{rung} failed (exit {r['returncode']}): {r['stderr_tail']}")
@@ -514,9 +560,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"Wan 2.1 14B width, {args.blocks} blocks, bf16, random weights; one step of "
               f"{args.latent_frames}x{args.latent_height}x{args.latent_width} latents, {args.text_tokens} text tokens; "
               "each rung in a fresh process, first read from the disk (page cache dropped)")
-        plain = [r for r in rows if r["rung"] not in CASES]
+        plain = [r for r in rows if r["rung"] not in CASES and not r["rung"].startswith("in-place")]
         if plain:
             print(table(plain, _weight_bytes(Path(args.model)), args))
+        capped = [r for r in rows if r["rung"].startswith("in-place")]
+        if capped:
+            print("\n" + cap_table(capped, _weight_bytes(Path(args.model))))
         staged = [r for r in rows if r["rung"] in CASES]
         if staged:
             print(f"\nFree before load: UMT5-XXL width, {args.encoder_layers} layers, {args.encoder_tokens} tokens "

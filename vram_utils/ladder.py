@@ -69,9 +69,10 @@ HOST_MEASURES: dict[str, HostMeasures] = {
     "disk": HostMeasures(release_text_encoder=True, one_expert=True, disk=True),
 }
 # What reading weights in place costs when RAM holds less of them than the run reads each step: measured by
-# bench/host_ram.py --rungs in-place (a 4-block Wan-14B-width transformer on the CPU, time per step at caps of
-# 1.0x, 0.5x and 0.25x of the weight bytes); the plan's text quotes it.
-IN_PLACE_SLOWDOWN = "measured 1.0x / 1.3x / 1.6x the step time with 1.0 / 0.5 / 0.25 of the weights in RAM"
+# bench/host_ram.py --rungs in-place (a 4-block Wan-14B-width transformer on 2 AMD EPYC cores, a virtual disk; the
+# second step's time under caps of the process's start + 1.0x, 0.5x and 0.25x of the weight bytes, against the same
+# step uncapped); the plan's text quotes it. A faster disk, and more compute per weight byte, pay less.
+IN_PLACE_SLOWDOWN = "measured 2.5x / 3.3x / 3.3x the step time with 1.0 / 0.5 / 0.25 of the weights' bytes free"
 HOST_RUNG_TEXT = {  # one line each, for the plan's reasons
     "ram": "every component in RAM at the model's dtype",
     "text-encoder-first": "the prompt encoded first and the text encoder freed before the transformer loads",
