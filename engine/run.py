@@ -16,7 +16,9 @@ import torch
 
 import decode
 from configs.schema import GenerationRequest, ModelSpec, Plan, RequestError
+from engine.media import load_image, read_video
 from engine.recovery import StepDown
+from vram_utils.host_budget import host_limit
 from engine.results import SavedLatents, Sidecar, latents_path, sidecar_path, versions
 from families import DENOISERS, get_family
 
@@ -274,3 +276,38 @@ def result_of(run: Run, measured: dict[str, int], timeline: dict | None) -> RunR
     result = RunResult(paths.video, paths.sidecar, paths.latents, sidecar)
     sidecar.write(paths.sidecar)
     return result
+
+
+def check_host_room(plan: Plan, resident_bytes: int = 0) -> None:
+    """Under a container's (or the commit) limit, nothing swaps: a run whose host need is over the room left now is
+    not started (the planner fitted it to the room when it planned; other programs may have taken memory since).
+    `resident_bytes`: the cache's weights for this run already in RAM (counted as room, as the planner does)."""
+    limit = host_limit()
+    if limit.kind == "machine" or not plan.fits or plan.host_need_bytes <= limit.available_bytes + resident_bytes:
+        return
+    raise RunFailed(f"not started: the plan needs {plan.host_need_bytes / 2**30:.2f} GiB of host RAM and the "
+                    f"{limit.text()} now (it had {plan.host_budget_bytes / 2**30:.2f} GiB when planned); free memory "
+                    "or choose smaller settings")
+
+
+def read_inputs(req: GenerationRequest) -> tuple[dict, list[str]]:
+    """The pipeline's input arguments, and what the person should know about the inputs."""
+    if req.task == "i2v":
+        return {"image": load_image(req.image, req.width, req.height)}, []
+    if req.task == "v2v":
+        video, notes = read_video(req.video, req.frames, req.width, req.height)
+        return {"video": video, "strength": req.strength}, notes
+    return {"num_frames": req.frames}, []
+
+
+def ratios_facts(run: Run) -> dict:
+    """Every setting MagCache's ratios depend on: the model and its LoRAs, the shape and sampling of the run, the
+    precision, the attention backend and where the weights sit (the offload rung)."""
+    req, plan = run.request, run.plan
+    return {
+        "model": req.model, "task": req.task, "steps": req.steps, "guidance": req.guidance,
+        "guidance_2": req.guidance_2, "shift": req.shift, "size": [req.height, req.width], "frames": req.frames,
+        "strength": req.strength if req.task == "v2v" else None, "quant": req.quant, "attention": req.attention,
+        "loras": [[a.file.adapter, list(a.strengths)] for a in run.resolved.loras],
+        "offload": plan.offload, "disk": plan.disk_offload, "device": plan.device.split(":")[0],
+    }

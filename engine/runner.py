@@ -29,19 +29,18 @@ from configs.schema import GenerationRequest, Plan, RequestError
 from engine import modifiers, stepcache
 from engine.cache import PipelineCache
 from engine.lora import scheduler_shift
-from engine.media import load_image, read_video
 from engine.preview import PreviewPolicy, preview_image
 from engine.recovery import StepDown, decode_step_downs, is_oom
 from engine.resolve import ResolvedRun, resolve
 from engine.results import sidecar_path
 from engine.run import (  # noqa: F401  (ProgressEvent, Cancelled, RunFailed, RunResult: this module's API too)
-    Cancelled, ProgressEvent, Run, RunFailed, RunPaths, RunResult, boundary_timestep, check_writable, encode_prompt,
-    expert_names, fit_suggestion, max_sequence_length, prompt_warnings, result_of, safe_emitter, save_latents,
-    save_or_fail,
+    Cancelled, ProgressEvent, Run, RunFailed, RunPaths, RunResult, boundary_timestep, check_host_room, check_writable,
+    encode_prompt, expert_names, fit_suggestion, max_sequence_length, prompt_warnings, ratios_facts, read_inputs,
+    result_of, safe_emitter, save_latents, save_or_fail,
 )
 from families import get_family
 from vram_utils import release_memory
-from vram_utils.host_budget import HostMemoryPressure, HostWatch, host_limit
+from vram_utils.host_budget import HostMemoryPressure, HostWatch
 from vram_utils.ladder import Ladder, step_host
 from vram_utils.sentinel import LeakReport, LeakSentinel
 from vram_utils.timeline import MemoryTimeline, gpu_index_of
@@ -468,38 +467,3 @@ class Runner:
                 run.warn(note)
             current = Path(done.video)
         return bool(run.resolved.finishing)
-
-
-def check_host_room(plan: Plan, resident_bytes: int = 0) -> None:
-    """Under a container's (or the commit) limit, nothing swaps: a run whose host need is over the room left now is
-    not started (the planner fitted it to the room when it planned; other programs may have taken memory since).
-    `resident_bytes`: the cache's weights for this run already in RAM (counted as room, as the planner does)."""
-    limit = host_limit()
-    if limit.kind == "machine" or not plan.fits or plan.host_need_bytes <= limit.available_bytes + resident_bytes:
-        return
-    raise RunFailed(f"not started: the plan needs {plan.host_need_bytes / 2**30:.2f} GiB of host RAM and the "
-                    f"{limit.text()} now (it had {plan.host_budget_bytes / 2**30:.2f} GiB when planned); free memory "
-                    "or choose smaller settings")
-
-
-def read_inputs(req: GenerationRequest) -> tuple[dict, list[str]]:
-    """The pipeline's input arguments, and what the person should know about the inputs."""
-    if req.task == "i2v":
-        return {"image": load_image(req.image, req.width, req.height)}, []
-    if req.task == "v2v":
-        video, notes = read_video(req.video, req.frames, req.width, req.height)
-        return {"video": video, "strength": req.strength}, notes
-    return {"num_frames": req.frames}, []
-
-
-def ratios_facts(run: Run) -> dict:
-    """Every setting MagCache's ratios depend on: the model and its LoRAs, the shape and sampling of the run, the
-    precision, the attention backend and where the weights sit (the offload rung)."""
-    req, plan = run.request, run.plan
-    return {
-        "model": req.model, "task": req.task, "steps": req.steps, "guidance": req.guidance,
-        "guidance_2": req.guidance_2, "shift": req.shift, "size": [req.height, req.width], "frames": req.frames,
-        "strength": req.strength if req.task == "v2v" else None, "quant": req.quant, "attention": req.attention,
-        "loras": [[a.file.adapter, list(a.strengths)] for a in run.resolved.loras],
-        "offload": plan.offload, "disk": plan.disk_offload, "device": plan.device.split(":")[0],
-    }
