@@ -7,7 +7,9 @@ a 4-block Wan-14B-width transformer, 3.05 GiB of bf16 weights, a tiny VAE and te
   ours   `python app.py generate --model FOLDER ...` (resolve, plan, the pipeline cache, modifiers on and off, the
          run's memory sampler, latents saved before the decode, the streaming decode into the mp4, the sidecar)
   raw    `WanPipeline.from_pretrained(FOLDER, torch_dtype=bfloat16)`, `pipe(..., output_type="latent")`, the VAE's
-         own decode, `export_to_video`: what the diffusers docs show
+         own decode, `export_to_video`: what the diffusers docs show, with the same settings as ours (the balanced
+         preset's guidance 6.0, and the text length the folder's tokenizer holds: 32 tokens; diffusers' default
+         of 512 would pad the prompt to 512 tokens and be another job)
 
 Prints the median wall time of each (imports included: a person waits for them too), the ratio, that the latents
 are bitwise equal, and where our extra time goes (from our sidecar's timings and the phases around them).
@@ -41,6 +43,7 @@ pipe = WanPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)
 t2 = time.perf_counter()
 with torch.inference_mode():
     latents = pipe(prompt="a cat walks on the beach", num_frames=%d, height=%d, width=%d, num_inference_steps=%d,
+                   guidance_scale=6.0, max_sequence_length=pipe.tokenizer.model_max_length,
                    generator=torch.Generator("cpu").manual_seed(0), output_type="latent").frames
     t3 = time.perf_counter()
     vae = pipe.vae

@@ -252,7 +252,7 @@ class StreamingDecode:
             self._weights.clear()
             if self.device.type == "cuda":
                 self._peak_gpu = torch.cuda.max_memory_allocated(self.device)
-            release_memory()
+            release_memory(run_only=True)
             self.seconds = time.perf_counter() - t0
 
     @staticmethod

@@ -37,3 +37,36 @@ def test_a_warm_up_run_is_recorded_but_not_judged():
     assert report.delta_bytes > 100 * 2**20 and not report.leaked
     assert "warm-up" in report.line()
     del hoard
+
+
+class _Node:
+    """An object in a reference cycle: only the garbage collector frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_a_runs_collection_frees_the_runs_cyclic_garbage_and_hands_the_rest_back_after():
+    import gc
+    import weakref
+
+    from vram_utils.sizes import objects_of_this_run, release_memory
+
+    older = _Node()
+    older_ref = weakref.ref(older)
+    with objects_of_this_run():
+        del older  # alive when the run began, garbage during it
+        made = _Node()
+        made_ref = weakref.ref(made)
+        del made
+        release_memory(run_only=True)
+        assert made_ref() is None, "garbage the run made must be collected"
+        assert older_ref() is not None, "what was alive before the run is not walked by the run's collections"
+        release_memory()  # a full release (an unload, an out-of-memory retry) reaches it too
+        assert older_ref() is None
+    later = _Node()
+    later_ref = weakref.ref(later)
+    with objects_of_this_run():
+        del later
+    gc.collect()  # handed back after the run: Python's own collections find it
+    assert later_ref() is None

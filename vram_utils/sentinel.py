@@ -57,7 +57,7 @@ class LeakReport:
 def _release() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    release_memory()
+    release_memory(run_only=True)
 
 
 def _raw_bytes() -> tuple[str, int]:
