@@ -263,20 +263,11 @@ def profile_run(pipe, files: tuple, top: int = 14) -> str:
 
 
 def forward(model):
-    """One transformer forward on fixed random bf16 inputs (Wan: B, C, F, H, W; CogVideoX: B, F, C, H, W; as
-    tests/test_lora.py's `forward`)."""
+    """One transformer forward on fixed random bf16 inputs (tests/lora_files.py's `forward`)."""
     import torch
+    from tests.lora_files import forward as forward_in
 
-    g, cfg = torch.Generator().manual_seed(0), model.config
-    if hasattr(model, "blocks"):
-        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g)
-        text = torch.randn(1, 8, cfg.text_dim, generator=g)
-    else:
-        x = torch.randn(1, 3, cfg.in_channels, 4, 4, generator=g)
-        text = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
-    with torch.no_grad():
-        return model(hidden_states=x.to(torch.bfloat16), encoder_hidden_states=text.to(torch.bfloat16),
-                     timestep=torch.tensor([500]), return_dict=False)[0]
+    return forward_in(model, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- one model

@@ -58,3 +58,18 @@ def make_lora(transformer: torch.nn.Module, path: str | Path, fmt: str = "peft",
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
     return path
+
+
+def forward(transformer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One transformer forward on fixed random inputs in `dtype` (Wan: B, C, F, H, W; CogVideoX: B, F, C, H, W):
+    equal outputs before and after a LoRA came off mean it came off cleanly."""
+    g, cfg = torch.Generator().manual_seed(0), transformer.config
+    if hasattr(transformer, "blocks"):
+        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g)
+        text = torch.randn(1, 8, cfg.text_dim, generator=g)
+    else:
+        x = torch.randn(1, 3, cfg.in_channels, 4, 4, generator=g)
+        text = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
+    with torch.no_grad():
+        return transformer(hidden_states=x.to(dtype), encoder_hidden_states=text.to(dtype),
+                           timestep=torch.tensor([500]), return_dict=False)[0]

@@ -13,7 +13,7 @@ import torch
 from configs.schema import GenerationRequest, LoraChoice, RequestError
 from configs.registry import get_model_spec
 from configs.validate import resolve_request
-from lora_files import make_lora
+from lora_files import forward, make_lora
 from engine import lora
 from engine.lora import LoraError
 
@@ -30,20 +30,6 @@ def request(model: str = WAN, **changes) -> GenerationRequest:
 
 def latents_of(result) -> torch.Tensor:
     return torch.load(result.latents_path, weights_only=False)["latents"]
-
-
-def forward(transformer: torch.nn.Module) -> torch.Tensor:
-    """One transformer forward on fixed random inputs (Wan: B, C, F, H, W; CogVideoX: B, F, C, H, W)."""
-    g, cfg = torch.Generator().manual_seed(0), transformer.config
-    if hasattr(transformer, "blocks"):
-        x = torch.randn(1, cfg.in_channels, 2, 4, 4, generator=g)
-        text = torch.randn(1, 8, cfg.text_dim, generator=g)
-    else:
-        x = torch.randn(1, 3, cfg.in_channels, 4, 4, generator=g)
-        text = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim, generator=g)
-    with torch.no_grad():
-        return transformer(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
-                           return_dict=False)[0]
 
 
 _ON: dict[int, lora.Loras] = {}
