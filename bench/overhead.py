@@ -11,8 +11,9 @@ a 4-block Wan-14B-width transformer, 3.05 GiB of bf16 weights, a tiny VAE and te
          preset's guidance 6.0, and the text length the folder's tokenizer holds: 32 tokens; diffusers' default
          of 512 would pad the prompt to 512 tokens and be another job)
 
-Prints the median wall time of each (imports included: a person waits for them too), the ratio, that the latents
-are bitwise equal, and where our extra time goes (from our sidecar's timings and the phases around them).
+Prints the median wall time of each (imports included: a person waits for them too), the ratio, each process's
+peak RSS, that the latents are bitwise equal, and where our extra time goes (from our sidecar's timings and the
+phases around them).
 
     flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/overhead.py            # 3 pairs
     flock /tmp/fitvideo-heavy.lock .venv/bin/python bench/overhead.py --pairs 5
@@ -59,6 +60,20 @@ print("RAW " + json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "denoise_s": 
 ''' % (FRAMES, SIZE, SIZE, STEPS)
 
 
+def spawn(cmd: list[str], threads: int) -> tuple[float, int, int, str, str]:
+    """Run `cmd` in a fresh process: (wall s, exit code, its own peak RSS in bytes, stdout, stderr). The peak is the
+    kernel's for that one child (`os.wait4`'s ru_maxrss), not the largest of all children so far."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return wall, proc.returncode, usage.ru_maxrss * 1024, out.read(), err.read()
+
+
 def cpu_model() -> str:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "?")
@@ -76,28 +91,23 @@ def folder() -> Path:
     return f
 
 
-def run_ours(model: Path, out: Path, threads: int) -> tuple[float, dict]:
+def run_ours(model: Path, out: Path, threads: int) -> tuple[float, int, dict]:
     cmd = [sys.executable, str(ROOT / "app.py"), "generate", "--model", str(model), "--prompt", "a cat walks on the beach",
            "--frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE), "--steps", str(STEPS), "--seed", "0",
            "--out", str(out), "--progress", "off"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"app.py generate failed: {proc.stderr[-2000:]}")
-    return wall, json.loads(out.with_suffix(".json").read_text())
+    wall, code, peak, _, stderr = spawn(cmd, threads)
+    if code != 0:
+        raise SystemExit(f"app.py generate failed: {stderr[-2000:]}")
+    return wall, peak, json.loads(out.with_suffix(".json").read_text())
 
 
-def run_raw(model: Path, out: Path, threads: int) -> tuple[float, dict]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RAW, str(model), str(out), str(out.with_suffix(".pt")), str(threads)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    wall = time.perf_counter() - t0
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RAW ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"the raw diffusers run failed: {proc.stderr[-2000:]}")
-    return wall, json.loads(line[4:])
+def run_raw(model: Path, out: Path, threads: int) -> tuple[float, int, dict]:
+    wall, code, peak, stdout, stderr = spawn(
+        [sys.executable, "-c", RAW, str(model), str(out), str(out.with_suffix(".pt")), str(threads)], threads)
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RAW ")), None)
+    if code != 0 or line is None:
+        raise SystemExit(f"the raw diffusers run failed: {stderr[-2000:]}")
+    return wall, peak, json.loads(line[4:])
 
 
 def main() -> int:
@@ -109,13 +119,13 @@ def main() -> int:
 
     model, work = folder(), Path(tempfile.mkdtemp(prefix="fitvideo-overhead-"))
     os.environ.setdefault("FITVIDEO_HOME", str(work / "home"))
-    ours, raw, sidecar, raw_phases = [], [], {}, {}
+    ours, raw, sidecar, raw_phases, peaks = [], [], {}, {}, {"ours": [], "raw": []}
     run_ours(model, work / "warm.mp4", args.threads)  # the file's pages in the page cache for both, alike
     for i in range(args.pairs):
-        wall, sidecar = run_ours(model, work / f"ours{i}.mp4", args.threads)
-        ours.append(wall)
-        wall, raw_phases = run_raw(model, work / f"raw{i}.mp4", args.threads)
-        raw.append(wall)
+        wall, peak, sidecar = run_ours(model, work / f"ours{i}.mp4", args.threads)
+        ours.append(wall), peaks["ours"].append(peak)
+        wall, peak, raw_phases = run_raw(model, work / f"raw{i}.mp4", args.threads)
+        raw.append(wall), peaks["raw"].append(peak)
         print(f"pair {i + 1}: ours {ours[-1]:.2f} s, raw {raw[-1]:.2f} s", file=sys.stderr, flush=True)
     z_ours = torch.load(work / f"ours{args.pairs - 1}.latents.pt", weights_only=False)["latents"]
     z_raw = torch.load(work / f"raw{args.pairs - 1}.pt", weights_only=False)
@@ -125,6 +135,10 @@ def main() -> int:
           f"{FRAMES} frames {SIZE}x{SIZE}, {STEPS} steps; median of {args.pairs} pairs, fresh processes")
     print(f"| | wall s | ratio |\n|---|---|---|\n| raw diffusers | {mr:.2f} | 1.00 |\n| app.py generate | {mo:.2f} | "
           f"{mo / mr:.3f} |")
+    ratios = sorted(o / r for o, r in zip(ours, raw))
+    print(f"per-pair ratios: median {statistics.median(ratios):.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f}")
+    po, pr = (statistics.median(peaks[k]) / 2**30 for k in ("ours", "raw"))
+    print(f"peak RSS (median, the process's own): ours {po:.2f} GiB, raw {pr:.2f} GiB, ratio {po / pr:.3f}")
     print(f"latents bitwise equal: {torch.equal(z_ours.to(z_raw.dtype), z_raw)} "
           f"(max |diff| {(z_ours.float() - z_raw.float()).abs().max().item():.3g})")
     print("raw phases (last pair): " + ", ".join(f"{k} {v:.2f} s" for k, v in raw_phases.items()))
