@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 
 import vram_utils.planner as planner
+import vram_utils.search as search
 from bench.plan_table import machine
 from configs.schema import DecodeSettings, GenerationRequest
 from configs.registry import get_model_spec
@@ -110,7 +111,7 @@ def test_the_rows_the_issue_names(plans):
 
 
 def test_larger_tiles_never_change_the_offload_or_host_rung(plans, monkeypatch):
-    monkeypatch.setattr(planner, "_auto_options", lambda arch, w: [])
+    monkeypatch.setattr(search, "_auto_options", lambda arch, w: [])  # the search's larger tiles, none
     for (model, hw, gb), p in plans.items():
         seed = plan_for(request(model, hw), get_model_spec(model), machine(gb, 64))
         assert seed.decode.tile_x <= SEED_DECODE.tile_x  # the seed's tiles or the ladder below them
