@@ -56,19 +56,28 @@ def resolve_backend(name: str) -> str:
 class AttentionBackend:
     """Modifier: every loaded denoiser of a pipeline on `backend` (a resolved name, never "auto"), CogVideoX's
     processors swapped for the dispatching one first; `remove` puts the original processors and the dispatcher's
-    default back. "native" is the dispatcher's default: what an untouched model runs, so it is never applied."""
+    default back. "native" is the dispatcher's default: what an untouched model runs, so it is never applied.
+
+    diffusers' `set_attention_backend` also makes the backend the whole process's default (the dispatcher's
+    active backend) and `reset_attention_backend` leaves it so: every later run of any model would compute with
+    it. `apply` keeps the default it found and `remove` puts it back."""
 
     backend: str
     name: str = "attention"
     _on: list[tuple[torch.nn.Module, list]] = field(default_factory=list)
+    _default: object = None  # the dispatcher's active backend before `apply`
 
     def added_bytes(self) -> int:
         return 0
 
     def apply(self, pipe) -> None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
         from engine.stepcache import denoisers_of
         from families import family_of_pipeline
 
+        if not self._on:
+            self._default = _AttentionBackendRegistry._active_backend
         family = family_of_pipeline(type(pipe).__name__)
         for attr, module in denoisers_of(pipe):
             if any(m is module for m, _ in self._on):
@@ -79,11 +88,28 @@ class AttentionBackend:
             logger.info("attention backend %s on %s", self.backend, attr)
 
     def remove(self, pipe) -> None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
         for module, swapped in self._on:
             module.reset_attention_backend()
             for sub, processor in swapped:
                 sub.set_processor(processor)
+        if self._on:
+            _AttentionBackendRegistry.set_active_backend(self._default)
         self._on = []
+
+
+def process_default_left() -> str:
+    """'' when diffusers' dispatcher computes with its own default (DIFFUSERS_ATTN_BACKEND, "native" unless set),
+    else what it was left on: a backend set for one run and never put back changes every later run."""
+    import sys
+
+    dispatch = sys.modules.get("diffusers.models.attention_dispatch")
+    if dispatch is None:  # never imported: nothing could have set it
+        return ""
+    active = dispatch._AttentionBackendRegistry._active_backend
+    default = dispatch.AttentionBackendName(dispatch.DIFFUSERS_ATTN_BACKEND)
+    return "" if active == default else f"the attention dispatcher's default is {getattr(active, 'value', active)}"
 
 
 def _route_through_dispatcher(module: torch.nn.Module) -> list:

@@ -242,7 +242,11 @@ class CleanStates:
                 self.states[name] = module_state(c)
 
     def leftovers(self, pipe, label: str) -> list[str]:
+        from engine.attention import process_default_left
+
         lines = [f"{label}: {m}" for m in pipe_marks(pipe)]
+        if process_default_left():  # process-wide state a modifier can leave: the attention dispatcher's default
+            lines.append(f"{label}: {process_default_left()}")
         for name, c in pipe.components.items():
             if isinstance(c, torch.nn.Module) and name in self.states:
                 lines += [f"{label} {line}" for line in differences(name, self.states[name], module_state(c))]

@@ -41,11 +41,14 @@ def test_another_backend_really_goes_through_the_dispatcher_and_removal_gives_th
     monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", spy)  # what Wan's processor imported
     backend = A.AttentionBackend("_native_math")  # a second backend the CPU has, as a run's modifier
     modifiers.apply_all(pipe, [backend])
+    # diffusers makes it the whole process's default too (every later run of any model would use it) ...
+    assert A.process_default_left() == "the attention dispatcher's default is _native_math"
     math = _run(pipe, cog)
     assert seen and set(seen) == {"_native_math"}
     # the math kernel sums in another order: float32 rounding, a few ulps of the latents' scale
     assert torch.allclose(math, base, rtol=0, atol=64 * torch.finfo(torch.float32).eps * base.abs().max().item())
     modifiers.remove_all(pipe, [backend])
+    assert A.process_default_left() == ""  # ... until the modifier comes off: the default it found is back
     assert modifiers.fingerprint(pipe) == clean  # the original processors, no backend set
     assert torch.equal(_run(pipe, cog), base)
 

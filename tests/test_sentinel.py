@@ -8,6 +8,7 @@ from vram_utils.sentinel import LeakSentinel
 
 def test_a_held_tensor_is_reported_with_its_shape_and_a_released_one_is_not():
     sentinel = LeakSentinel()
+    sentinel.measure()  # collect what earlier tests in this process left: before() skips the collection by design
     token = sentinel.before()
     hoard = [torch.ones(64, 1024, 1024)]  # 256 MiB nobody should keep
     leaked = sentinel.after(token, "leaky run")
@@ -31,6 +32,7 @@ def test_weights_the_cache_holds_are_not_a_leak():
 
 def test_a_warm_up_run_is_recorded_but_not_judged():
     sentinel = LeakSentinel()
+    sentinel.measure()  # a baseline without earlier tests' garbage (see above)
     token = sentinel.before()
     hoard = [torch.ones(32, 1024, 1024)]
     report = sentinel.after(token, "first run loads a model", judge=False)
