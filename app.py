@@ -8,7 +8,7 @@ fields <-> request ui.fields. No model loads until Generate is pressed. Gradio i
 so the CLI never pays for it.
 
     build_app(runner)  -> FitVideoApp (the Blocks, its parts, the per-app state)
-    serve(app, ...)    -> URL (launch with the queue, auth, upload cap and allowed paths)
+    serve(app, ...)    -> URL (launch with the queue, auth, upload cap and allowed paths; the HTTP job API mounted)
     main(argv)         -> the `python app.py` entry point (flags, or the CLI subcommands)
 """
 import argparse
@@ -172,6 +172,9 @@ def serve(
         # configs into localStorage on each event, which keeps a 2-core machine's browser busy
         run_history=False,
     )
+    from ui.http_api import mount
+
+    mount(app, auth)  # /v1/videos: the same queue over plain HTTP, behind the same login
     return url
 
 

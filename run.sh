@@ -50,11 +50,20 @@ browser() {
   echo "[fitvideo] could not install a Chromium: tests/test_browser.py will fail (set FITVIDEO_CHROMIUM to a browser)" >&2
 }
 
+# tests/test_http_api.py calls the HTTP job API with curl, as the README shows it.
+curl_tool() {
+  if ! command -v curl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[fitvideo] installing curl for the HTTP API test (once)"
+    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y curl || true
+  fi
+}
+
 setup
 case "${1:-}" in
   test)
     shift
     browser
+    curl_tool
     # Two workers, a test file each at a time (module-scoped servers stay in one process); tests/conftest.py gives
     # each its own home, ports and one torch thread. FITVIDEO_TEST_WORKERS=0 runs in one process.
     exec "$VENV/bin/python" -m pytest -n "${FITVIDEO_TEST_WORKERS:-2}" --dist loadfile "$@"
