@@ -12,6 +12,7 @@ so the CLI never pays for it.
     main(argv)         -> the `python app.py` entry point (flags, or the CLI subcommands)
 """
 import argparse
+import importlib.util
 import logging
 import socket
 import sys
@@ -58,6 +59,14 @@ def build_launch_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help="waiting jobs before new ones are refused"
     )
+    p.add_argument("--ray", default=None, metavar="local|auto|ADDRESS",
+                   help="run jobs on Ray workers, one per GPU: `local` starts Ray here, `auto` or an address joins a "
+                        "cluster started with `ray start` (needs: pip install ray==2.60.0)")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="with --ray: N workers (on CPUs where there is no GPU); default one per GPU")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="share each video's denoise among N processes, one GPU each (Wan; N must divide its "
+                        "attention heads); a request's own context_parallel wins. Default 1")
     add_offline_flag(p)
     add_precision_flags(p)
     return p
@@ -79,6 +88,12 @@ def check_launch_args(args: argparse.Namespace) -> str | None:
         return f"--port {args.port} is not allowed; use 1 to 65535"
     if args.queue_size < 1:
         return f"--queue-size {args.queue_size} is not allowed; use 1 or more"
+    if args.ray_workers is not None and (args.ray is None or args.ray_workers < 1):
+        return f"--ray-workers {args.ray_workers} is not allowed; use 1 or more, with --ray local / auto / ADDRESS"
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        return f"--ray {args.ray} needs Ray: .venv/bin/pip install ray==2.60.0"
+    if not 1 <= args.context_parallel <= 16:
+        return f"--context-parallel {args.context_parallel} is not allowed; use 1 (off) to 16 processes"
     return None
 
 
@@ -102,9 +117,11 @@ def build_app(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     refresh_s: float = PAGE_REFRESH_S,
     models_dir: str | Path | None = None,
+    workers: list | None = None,
 ) -> "FitVideoApp":
     """The whole UI around one runner. Loads no model: everything heavy waits for Generate. Diffusers folders
-    under `models_dir` are listed with the registry models."""
+    under `models_dir` are listed with the registry models. `workers`: Ray's (engine/ray_workers.py) run the jobs
+    instead of `runner` (which still plans and answers the page)."""
     import gradio as gr
 
     from configs.schema import TASKS
@@ -116,7 +133,7 @@ def build_app(
 
     ctx = AppContext(runner, Path(runner.outputs_dir), default_quant, models_dir=Path(models_dir) if models_dir else None)
     remove_partials(ctx.outputs_dir)  # a killed run never leaves a half video in the gallery
-    ctx.queue = start_queue(ctx, queue_size)  # jobs a restart left waiting run again
+    ctx.queue = start_queue(ctx, queue_size, workers)  # jobs a restart left waiting run again
     statuses = {task: model_statuses(task, ctx.models_dir) for task in TASKS}
     demo_only = not any(s.ready and not s.tiny for ss in statuses.values() for s in ss)
 
@@ -202,7 +219,14 @@ def launch(argv: list[str]) -> int:
 
     runner = Runner(PipelineCache(args.max_cache_size), outputs_dir=args.outputs_dir)
     models_dir = args.models_dir or fitvideo_home() / "models"
-    app = build_app(runner, precision_from_args(args), queue_size=args.queue_size, models_dir=models_dir)
+    workers = None
+    if args.ray:
+        from engine.ray_workers import start_workers
+
+        workers = start_workers(args.ray, args.ray_workers, args.outputs_dir, args.max_cache_size)
+    app = build_app(runner, precision_from_args(args), queue_size=args.queue_size, models_dir=models_dir,
+                    workers=workers)
+    app.ctx.context_parallel = args.context_parallel
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     logger.info("outputs in %s; no model is loaded until Generate is pressed", Path(args.outputs_dir).resolve())
     try:

@@ -193,6 +193,7 @@ class GenerationRequest:
     step_cache: str | None = None  # "off", "first-block[:threshold]", "taylorseer[:interval]", ...; None: the preset's
     attention: str = "auto"  # attention backend: auto / native / flash / sage (engine/attention.py)
     compile: bool = False  # regional compile of Wan's repeated blocks (CUDA only; the first run compiles)
+    context_parallel: int = 1  # processes sharing the denoise (diffusers' context parallel, engine/parallel.py)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

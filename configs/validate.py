@@ -55,6 +55,9 @@ def resolve_request(req: GenerationRequest, *, check_files: bool = True) -> Gene
         raise RequestError(f"offload={req.offload!r} is not allowed; choose one of {get_args(OffloadChoice)}")
     if req.quant not in QUANTS:
         raise RequestError(f"quant={req.quant!r} is not allowed; choose one of {QUANTS}")
+    if isinstance(req.context_parallel, bool) or not isinstance(req.context_parallel, int) or \
+            not 1 <= req.context_parallel <= 16:
+        raise RequestError(f"context_parallel={req.context_parallel!r} is not allowed; use 1 (off) to 16 processes")
     # 4. The inputs the task needs.
     _check_inputs(req, check_files)
     check_decode(req.decode)

@@ -54,6 +54,7 @@ class Job:
     resumed: str = ""  # after a restart: how it went on
     order: int = field(default_factory=lambda: next(_ORDER))
     oom_kills: int = 0  # the memory cgroup's OOM-kill count when it started (a restart compares: killed for memory?)
+    worker: str = ""  # the worker running it (engine/ray_workers.py names them; "local" without Ray)
     # Kept in memory only:
     run: Any = None  # the ResolvedRun it was queued as (after a restart: resolved again from `request`)
     last: Any = None  # the runner's last ProgressEvent
@@ -88,20 +89,41 @@ class Job:
             "message": getattr(last, "message", "") if last else "", "eta_s": getattr(last, "eta_s", None)
             if last else None, "video": str(getattr(self.result, "final_path", None) or getattr(self.result, "video_path",
                                                                                                "")) if self.result else "",
-            "error": self.error, "resumed": self.resumed, "created": self.created,
+            "error": self.error, "resumed": self.resumed, "created": self.created, "worker": self.worker,
         }
 
 
-class JobQueue:
-    """The app's jobs: queued to disk, run one at a time by a worker thread through `run_job`."""
+class WorkerLost(RuntimeError):
+    """The process running a job went away (a Ray worker killed or its machine gone): the job runs again."""
 
-    def __init__(self, folder: str | Path, run_job: Callable[[Job], Any], max_waiting: int = 16):
-        self.folder = Path(folder)
+
+class LocalWorker:
+    """This process's runner: the default worker, one job at a time."""
+
+    name = "local"
+
+    def __init__(self, run_job: Callable[[Job], Any]):
         self.run_job = run_job  # runs one job (the runner, with the job's progress and stop); returns its result
+
+    def run(self, job: Job) -> Any:
+        return self.run_job(job)
+
+    def holds(self, model: str) -> bool:
+        return False
+
+
+class JobQueue:
+    """The app's jobs: queued to disk, run by one thread per worker (`LocalWorker(run_job)` unless `workers` are
+    given: engine/ray_workers.py), each taking the oldest waiting job, one whose model it already holds first."""
+
+    def __init__(self, folder: str | Path, run_job: Callable[[Job], Any] | None = None, max_waiting: int = 16,
+                 workers: list | None = None):
+        self.folder = Path(folder)
+        self.workers = list(workers) if workers else [LocalWorker(run_job)]
         self.max_waiting = max_waiting
         self._jobs: dict[str, Job] = {}
         self._cv = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._threads: dict[str, threading.Thread] = {}
         self._closed = False
         self.notes: list[str] = []  # what recover() found after a restart, in words
 
@@ -146,17 +168,20 @@ class JobQueue:
 
     def start(self) -> None:
         with self._cv:
-            if self._worker is None or not self._worker.is_alive():
-                self._closed = False
-                self._worker = threading.Thread(target=self._work, name="fitvideo-jobs", daemon=True)
-                self._worker.start()
+            self._closed = False
+            for worker in self.workers:
+                thread = self._threads.get(worker.name)
+                if thread is None or not thread.is_alive():
+                    self._threads[worker.name] = thread = threading.Thread(
+                        target=self._work, args=(worker,), name=f"fitvideo-jobs-{worker.name}", daemon=True)
+                    thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if self._worker is not None:
-            self._worker.join(timeout)
+        for thread in self._threads.values():
+            thread.join(timeout)
 
     # ---------------------------------------------------------------- looking and stopping
     def jobs(self, owner: str | None = None) -> list[Job]:
@@ -238,30 +263,50 @@ class JobQueue:
         return True
 
     # ---------------------------------------------------------------- the worker
-    def _next(self) -> Job | None:
+    def _next(self, worker) -> Job | None:
         with self._cv:
             while not self._closed:
-                waiting = sorted((j for j in self._jobs.values() if j.state == "waiting"),
-                                 key=lambda j: (j.created, j.order))
-                if waiting:
+                job = self._pick(worker)
+                if job is not None:
                     from vram_utils.host_budget import oom_kills
 
-                    job = waiting[0]
-                    job.state, job.started, job.oom_kills = "running", time.time(), oom_kills()
+                    job.state, job.started, job.oom_kills, job.worker = "running", time.time(), oom_kills(), worker.name
                     self._write(job)
                     return job
                 self._cv.wait(1.0)
         return None
 
-    def _work(self) -> None:
-        while (job := self._next()) is not None:
+    def _pick(self, worker) -> Job | None:
+        """The oldest waiting job whose model `worker` holds; else the oldest one no other idle worker holds."""
+        waiting = sorted((j for j in self._jobs.values() if j.state == "waiting"), key=lambda j: (j.created, j.order))
+        held = [j for j in waiting if worker.holds(j.request.model)]
+        if held or len(self.workers) == 1:
+            return (held or waiting or [None])[0]
+        busy = {j.worker for j in self._jobs.values() if j.state == "running"}
+        idle = [w for w in self.workers if w is not worker and w.name not in busy]
+        return next((j for j in waiting if not any(w.holds(j.request.model) for w in idle)), None)
+
+    def _work(self, worker) -> None:
+        while (job := self._next(worker)) is not None:
             try:
-                job.result = self.run_job(job)
+                job.result = worker.run(job)
                 state, error = ("stopped", "") if job.result is None else ("done", "")
+            except WorkerLost as exc:  # its process went away: the job waits again, from its latents if saved
+                self._requeue(job, exc)
+                continue
             except Exception as exc:  # noqa: BLE001  (the job ends; the worker and the app go on)
                 state, error = self._failure(job, exc)
             with self._cv:
                 self._end(job, state, error)
+
+    def _requeue(self, job: Job, exc: Exception) -> None:
+        with self._cv:
+            job.resumed = ("resumed from its saved latents (decode only)" if latents_saved(job) else
+                           "started over (its worker was lost before its latents were saved)")
+            logger.warning("job %s: worker %s lost (%s); %s", job.id, job.worker, exc, job.resumed)
+            job.state, job.worker, job.last = "waiting", "", None
+            self._write(job)
+            self._cv.notify_all()
 
     @staticmethod
     def _failure(job: Job, exc: Exception) -> tuple[JobState, str]:

@@ -1,6 +1,6 @@
 """Modifiers: what a run puts on a cached pipeline's modules, and takes off again when it ends.
 
-    ORDER = ("lora", "step_cache", "attention", "compile", "offload")
+    ORDER = ("lora", "step_cache", "attention", "context_parallel", "compile", "offload")
 
 Each modifier has a name, the bytes it adds, `apply(pipe)` and `remove(pipe)`, and touches only what it put there
 (the model to follow: diffusers' `HookRegistry`, where each hook is registered under its own name and removed by
@@ -10,6 +10,8 @@ out-of-memory. Why this order:
   - LoRA first: peft replaces linear layers inside the blocks; every later hook wraps the blocks as they will run.
   - the step cache's hooks wrap whole blocks (or attention layers) and must see the LoRA'd layers inside.
   - the attention backend and regional compile change how a block computes; compile captures the backend.
+  - context parallel (engine/parallel.py) splits the sequence at the blocks' inputs and gathers it at the output;
+    its processors need the backend already chosen (diffusers checks that it supports context parallel).
   - offload last, so its hooks are outermost: a block the step cache skips still passes its offload hook (onload
     and offload stay paired, CUDA streams' prefetch chain intact), and accelerate's root hook (model offload), which
     restores `forward` by assignment, comes off first, before the hooks under it.
@@ -31,7 +33,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ORDER = ("lora", "step_cache", "attention", "compile", "offload")
+ORDER = ("lora", "step_cache", "attention", "context_parallel", "compile", "offload")
 
 
 class Modifier(Protocol):
@@ -149,6 +151,10 @@ def for_run(run, plan, step_cache=None) -> list[Modifier]:
         mods.append(step_cache)
     if run.attention != "native":
         mods.append(AttentionBackend(run.attention))
+    if run.request.context_parallel > 1:
+        from engine.parallel import ContextParallel
+
+        mods.append(ContextParallel(run.request.context_parallel, str(plan.device)))
     if run.request.compile:
         mods.append(RegionalCompile(plan.device))
     mods.append(Placement(plan))

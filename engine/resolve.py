@@ -45,7 +45,7 @@ def resolve(request: GenerationRequest | ResolvedRun, *, check_files: bool = Tru
     """Check and complete `request` (a ResolvedRun passes through). `check_files=False`: the input image / video
     are not read (a plan before anything is uploaded). `input_names`: what the person calls an uploaded file
     ("image" / "video" -> name), for the messages."""
-    from engine import attention, stepcache
+    from engine import attention, parallel, stepcache
     from engine.finishing import check_steps, steps_from_request
     from engine.lora import resolve_loras, with_lora_params
 
@@ -59,6 +59,9 @@ def resolve(request: GenerationRequest | ResolvedRun, *, check_files: bool = Tru
     # 3. The modifiers: LoRA files against this model, the step cache for this family and task, the attention
     # backend and regional compile on this machine.
     loras = resolve_loras(req.loras, spec, req.task)
+    shared = parallel.problem(spec, req.task, req.context_parallel)
+    if shared:
+        raise RequestError(f"context_parallel={req.context_parallel}: {shared}")
     cache = stepcache.choose(req, spec)
     if cache.note:
         notes.append(cache.note)

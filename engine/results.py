@@ -86,6 +86,7 @@ class Sidecar:
     loras: list[dict] = field(default_factory=list)  # the LoRAs applied: name, file, bytes, strength(s)
     memory_timeline: dict | None = None  # samples (t, rss, GPU) a few times a second, with stage marks
     step_cache: dict | None = None  # the step cache and its counts (engine/stepcache.py stats())
+    worker: dict = field(default_factory=dict)  # the Ray worker that ran it (name, node, device, pid); {}: this app
 
     @property
     def predicted(self) -> dict[str, int]:

@@ -117,6 +117,8 @@ class Run:
     ratios_key: str = ""  # MagCache: the key its ratios are filed under, and the settings that make it
     ratios_facts: dict = field(default_factory=dict)
     watch: Any = None  # vram_utils.host_budget.HostWatch: the room under the host limit, checked every step
+    worker: dict = field(default_factory=dict)  # the runner's `worker` (a Ray worker's name, node, device), for the sidecar
+    group: Any = None  # engine.parallel.Group while the denoise is shared with helper processes (context parallel)
 
     def check_memory(self) -> None:
         if self.watch is not None:
@@ -271,7 +273,7 @@ def result_of(run: Run, measured: dict[str, int], timeline: dict | None) -> RunR
         quant=dataclasses.asdict(quant_result) | {"ratio": quant_result.ratio} if quant_result else None,
         experts=experts_record(run), versions=versions(), loras=[dict(a.record) for a in run.resolved.loras],
         memory_timeline=timeline,
-        step_cache=run.step_cache.stats() if run.step_cache is not None else None,
+        step_cache=run.step_cache.stats() if run.step_cache is not None else None, worker=dict(run.worker),
     )
     result = RunResult(paths.video, paths.sidecar, paths.latents, sidecar)
     sidecar.write(paths.sidecar)

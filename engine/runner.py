@@ -29,6 +29,7 @@ from configs.schema import GenerationRequest, Plan, RequestError
 from engine import modifiers, stepcache
 from engine.cache import PipelineCache
 from engine.lora import scheduler_shift
+from engine.parallel import denoise_together
 from engine.preview import PreviewPolicy, preview_image
 from engine.recovery import StepDown, decode_step_downs, is_oom
 from engine.resolve import ResolvedRun, resolve
@@ -65,6 +66,7 @@ class Runner:
         self.sentinel = LeakSentinel(held_bytes=lambda device_type: self.cache.weights_on(device_type)[0])
         self.last_leak: LeakReport | None = None
         self.last_leftovers: list[str] = []  # what a run left on the cached pipelines (always [] unless a bug)
+        self.worker: dict = {}  # a Ray worker's name, node and device (engine/ray_workers.py): into each sidecar
         self._lock = threading.Lock()
 
     def default_output(self, request: GenerationRequest | ResolvedRun) -> Path:
@@ -120,7 +122,7 @@ class Runner:
         out = Path(out_path) if out_path else self.default_output(req)
         check_writable(out.parent)
         inputs, notes = read_inputs(req)
-        run = Run(resolved, RunPaths.beside(out), emit, stop, inputs=inputs)
+        run = Run(resolved, RunPaths.beside(out), emit, stop, inputs=inputs, worker=self.worker)
         for note in (*resolved.notes, *notes):  # e.g. a still image given as the video is held for every frame
             run.warn(note)
         if resolved.step_cache.name != "off":
@@ -333,8 +335,10 @@ class Runner:
         if run.step_cache is not None:
             run.step_cache.reset_counts()  # a denoise run again after an out-of-memory counts afresh
         kwargs = self._pipe_kwargs(run)
-        with torch.inference_mode(), scheduler_shift(run.pipe, req.shift):
+        with torch.inference_mode(), scheduler_shift(run.pipe, req.shift), denoise_together(run, kwargs) as group:
+            run.group = group
             latents = run.pipe(**kwargs).frames
+        run.group = None
         run.timings["denoise_s"] = time.perf_counter() - t0
         run.latents = decode.to_vae_latents(run.pipe, latents, family, req.frames)
 
@@ -345,7 +349,7 @@ class Runner:
         boundary = boundary_timestep(run.pipe)  # two experts: t >= boundary is the high-noise expert's step
         policy, family = (PreviewPolicy() if self.previews else None), get_family(run.spec.family)
 
-        def on_step_end(pipe, i, t, callback_kwargs):
+        def here(pipe, i, t, callback_kwargs):
             nonlocal loop_started
             now = time.perf_counter()
             if i == 0:
@@ -364,6 +368,17 @@ class Runner:
             if boundary is not None and run.plan.experts_in_ram == 1:
                 self._next_expert(run, pipe, i, boundary)
             return callback_kwargs
+
+        def on_step_end(pipe, i, t, callback_kwargs):
+            if run.group is None:
+                return here(pipe, i, t, callback_kwargs)
+            try:  # a shared denoise: every helper learns at this step's end whether this process goes on
+                out = here(pipe, i, t, callback_kwargs)
+            except BaseException:
+                run.group.agree(abort=True)
+                raise
+            run.group.agree(abort=False)
+            return out
 
         return on_step_end
 

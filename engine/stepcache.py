@@ -88,13 +88,18 @@ class StepCacheChoice:
         return f"{self.name}:{self.value:g}"
 
 
-def support(spec, task: str) -> dict[str, str | None]:
+def support(spec, task: str, parallel: int = 1) -> dict[str, str | None]:
     """name -> None where the cache applies to the (model, task) pipeline, else the reason it does not: the
-    family's own (families/), then what this model's transformer allows (its depth, its experts)."""
+    family's own (families/), then what this model's transformer allows (its depth, its experts), then a denoise
+    shared by `parallel` processes (engine/parallel.py)."""
     from configs.schema import task_experts
 
     out: dict[str, str | None] = dict.fromkeys(STEP_CACHES)
     out.update(spec.family_module.step_cache_problems(task))
+    if parallel > 1:
+        out.update({n: f"with context_parallel={parallel} each process would decide on its own share of the tokens "
+                       f"whether to skip a step, and every process must make the same call"
+                    for n in STEP_CACHES if n != "off"})
     blocks = int(spec.config.get("transformer", {}).get("num_layers", 2))
     if out["first-block"] is None and blocks < 2:
         out["first-block"] = (f"first-block needs a transformer of 2 or more blocks (block 0 decides whether the rest "
@@ -117,7 +122,7 @@ def choose(request, spec) -> StepCacheChoice:
         name, value = parse_step_cache(text)
     except ValueError as exc:
         raise RequestError(str(exc)) from None
-    allowed = support(spec, request.task)
+    allowed = support(spec, request.task, request.context_parallel)
     reason = allowed[name]
     if reason is None:
         return StepCacheChoice(name, DEFAULTS.get(name) if value is None else value)

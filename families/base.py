@@ -170,6 +170,9 @@ class ModelFamily:
     attention_dispatched: bool = True
     # the transformer declares `_repeated_blocks` (diffusers' compile_repeated_blocks needs them)
     repeated_blocks: bool = False
+    # the transformer declares a context-parallel plan (diffusers' `_cp_plan`: engine/parallel.py splits its
+    # sequence over several processes); `attention_heads` reads the head count Ulysses divides among them
+    context_parallel: bool = False
     # tasks whose pipeline runs the first expert alone even on a two-expert model (Wan's V2V pipeline has one
     # transformer)
     single_expert_tasks: tuple[str, ...] = ()
@@ -188,6 +191,9 @@ class ModelFamily:
     def build_tiny(self, name: str) -> dict[str, object]:
         """The in-memory pipelines of tiny twin `name`, keyed by folder ("t2v", "i2v"; V2V reads the t2v one)."""
         raise NotImplementedError
+
+    def attention_heads(self, transformer_config: dict) -> int:
+        return int(transformer_config.get("num_attention_heads", 1))
 
     def step_cache_problems(self, task: str) -> dict[str, str]:
         """Step cache name -> why it does not apply to this family's `task` pipeline (absent: it applies)."""

@@ -106,6 +106,7 @@ class Wan(ModelFamily):
     latent_rgb_bias = WAN21_RGB_BIAS
     denoisers = ("transformer", "transformer_2")  # Wan 2.2 A14B: high-noise then low-noise expert
     repeated_blocks = True
+    context_parallel = True  # WanTransformer3DModel._cp_plan
     single_expert_tasks = ("v2v",)  # diffusers' WanVideoToVideoPipeline has no second expert
     lora_loader = "WanPipeline"  # converts kohya / musubi `lora_unet_*` and original-Wan `diffusion_model.*` files
     lora_block_key = r"^transformer\.blocks\.(\d+)\."

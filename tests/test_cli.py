@@ -143,13 +143,13 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
         "--frames", "17", "--height", "64", "--width", "48", "--fps", "12", "--steps", "3", "--guidance", "4.5",
         "--preset", "fast", "--seed", "9", "--video", "in.gif", "--strength", "0.4", "--offload", "group", "--int8",
         "--tile-x", "192", "--tile-stride-x", "96", "--no-vae-tiling", "--chunk-frames", "1",
-        "--lora", "style:0.5", "--lora", "/loras/x.safetensors",
+        "--lora", "style:0.5", "--lora", "/loras/x.safetensors", "--context-parallel", "2",
     ])
     expected = GenerationRequest(
         model="tiny-wan", task="v2v", prompt="a cat", negative_prompt="blur", frames=17, height=64, width=48, fps=12,
         steps=3, guidance=4.5, preset="fast", seed=9, video="in.gif", strength=0.4, offload="group", quant="int8",
         decode=DecodeSettings(enable_vae_tiling=False, tile_x=192, tile_stride_x=96, chunk_frames=1, fixed_tiles=True),
-        loras=(LoraChoice("style", 0.5), LoraChoice("/loras/x.safetensors")),
+        loras=(LoraChoice("style", 0.5), LoraChoice("/loras/x.safetensors")), context_parallel=2,
     )
     req = request_from_args(args)
     assert req == expected
@@ -160,7 +160,7 @@ def test_generate_flags_become_the_same_request_as_the_pages_fields():
         "model", "prompt", "negative_prompt", "seed", "preset", "steps", "guidance", "guidance_2", "frames", "fps",
         "resolution", "image", "video", "strength", "offload", "quant", "vae_tiling", "tile_x", "tile_y",
         "tile_stride_x", "tile_stride_y", "upscale", "interpolate", "loras", "shift", "step_cache", "attention",
-        "compile", "fixed_tiles",
+        "compile", "fixed_tiles", "context_parallel",
     }
     assert fields["loras"] == [["style", 0.5, None], ["/loras/x.safetensors", 1.0, None]]
     assert request_from_fields("v2v", fields) == expected.replace(decode=DecodeSettings(

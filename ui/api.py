@@ -33,6 +33,7 @@ API_FIELDS: dict[str, tuple[Any, Any]] = {
     "vae_tiling": (bool, True), "tile_x": (int | None, None), "tile_y": (int | None, None),
     "tile_stride_x": (int | None, None), "tile_stride_y": (int | None, None), "step_cache": (str | None, None),
     "attention": (str, "auto"), "compile": (bool, False), "fixed_tiles": (bool, False),
+    "context_parallel": (int | None, None),  # None: the server's --context-parallel
 }
 ONLY_FOR = {"image": "i2v", "video": "v2v", "strength": "v2v"}
 

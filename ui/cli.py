@@ -128,12 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "two-expert models take a low-noise expert's strength after a second colon. Repeatable")
     g.add_argument("--loras-dir", default=None, help="the LoRA folder (default $FITVIDEO_HOME/loras)")
     g.add_argument("--shift", type=float, default=None, help="scheduler flow shift (Wan; a distill LoRA's preset)")
-    g.add_argument("--step-cache", default=None, metavar="NAME[:NUMBER]",
-                   help="off, first-block[:threshold], taylorseer[:interval], magcache[:threshold], pab[:interval], "
-                        "fastercache[:interval] (default: the preset's: fast = taylorseer)")
-    g.add_argument("--attention", default="auto", choices=("auto", "native", "flash", "sage"),
-                   help="attention backend (flash / sage need their package and a CUDA GPU)")
-    g.add_argument("--compile", action="store_true", help="regional compile of Wan's repeated blocks (CUDA only)")
+    add_speed_flags(g)
     add_progress_flag(g)
 
     d = sub.add_parser("decode", help="re-run only the decode of a saved run, from its .latents.pt")
@@ -150,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_progress_flag(d)
     add_finishing_parsers(sub)
     return parser
+
+
+def add_speed_flags(g) -> None:
+    """The step cache, attention backend, regional compile and context parallel of `generate`."""
+    g.add_argument("--step-cache", default=None, metavar="NAME[:NUMBER]",
+                   help="off, first-block[:threshold], taylorseer[:interval], magcache[:threshold], pab[:interval], "
+                        "fastercache[:interval] (default: the preset's: fast = taylorseer)")
+    g.add_argument("--attention", default="auto", choices=("auto", "native", "flash", "sage"),
+                   help="attention backend (flash / sage need their package and a CUDA GPU)")
+    g.add_argument("--compile", action="store_true", help="regional compile of Wan's repeated blocks (CUDA only)")
+    g.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                   help="share the denoise among N processes, one GPU each (diffusers' context parallel, Ulysses: N "
+                        "must divide the transformer's attention heads; gloo processes on the CPU). Default 1")
 
 
 def add_finishing_parsers(sub) -> None:
@@ -199,8 +207,13 @@ def run_generate(args: argparse.Namespace) -> int:
     for note in run.notes:
         logger.warning("%s", note)
     logger.info("%s", plan_line(plan, details="app.py generate --plan shows the full plan"))
-    with progress_renderer(args) as progress:  # loading, encoding, denoising k/N, decoding j/M, finishing
-        result = runner.generate(run, out_path=args.out, on_progress=progress)
+    from engine.parallel import close_group
+
+    try:
+        with progress_renderer(args) as progress:  # loading, encoding, denoising k/N, decoding j/M, finishing
+            result = runner.generate(run, out_path=args.out, on_progress=progress)
+    finally:
+        close_group()  # --context-parallel's helper processes, when it started them
     print(result.video_path)
     for finished in result.finishing:  # finishing steps' videos, in order; the last is the finished one
         print(finished["video"])

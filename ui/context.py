@@ -44,6 +44,7 @@ class AppContext:
     outputs_dir: Path
     default_quant: str = "none"
     models_dir: Path | None = None  # diffusers folders here are listed with the registry models
+    context_parallel: int = 1  # processes a request shares its denoise among unless it says (--context-parallel)
     queue: JobQueue | None = None  # every generation is a job here (engine/jobs.py); set by build_app
     # Held by the job worker while a job runs, and by the other actions that touch the models (unload, finishing
     # from the gallery): one of them at a time, as Gradio's GPU queue did when it ran the generations itself.
@@ -66,12 +67,13 @@ class FitVideoApp:
     jobs: JobsPanel
 
 
-def start_queue(ctx: AppContext, queue_size: int) -> JobQueue:
-    """The job queue on `<outputs>/.queue`, read back after a restart, its worker started."""
+def start_queue(ctx: AppContext, queue_size: int, workers: list | None = None) -> JobQueue:
+    """The job queue on `<outputs>/.queue`, read back after a restart, its workers started (this process's runner,
+    or `workers`: Ray's, engine/ray_workers.py)."""
     from engine.jobs import QUEUE_SUBDIR, JobQueue, is_complete, latents_saved, run_job
 
     queue = JobQueue(ctx.outputs_dir / QUEUE_SUBDIR, lambda job: run_job(ctx.runner, job, ctx.gpu_lock),
-                     max_waiting=queue_size)
+                     max_waiting=queue_size, workers=workers)
     queue.notes = queue.recover(is_complete, latents_saved)
     queue.start()
     return queue
@@ -111,10 +113,12 @@ def check_input(task: str, payload: Any, frames: int) -> list[str]:
     return check_video(path, frames, name=name)
 
 
-def with_upload_paths(values: dict[str, Any], task: str = "t2v") -> dict[str, Any]:
-    """The page's values as request fields: uploads as paths, and no second guidance for a model with one
-    transformer (its hidden slider still sends a value)."""
+def with_upload_paths(values: dict[str, Any], task: str = "t2v", ctx: AppContext | None = None) -> dict[str, Any]:
+    """The page's values as request fields: uploads as paths, no second guidance for a model with one transformer
+    (its hidden slider still sends a value), and the server's context parallel where the request sets none."""
     values = {**values, **{n: upload_path(values[n]) for n in UPLOADS if n in values}}
+    if ctx is not None and values.get("context_parallel") is None:
+        values["context_parallel"] = ctx.context_parallel
     if values.get("guidance_2") is not None and not two_experts(values.get("model"), task):
         values["guidance_2"] = None
     return values
@@ -144,7 +148,7 @@ def preview_request(ctx: AppContext, task: str, values: dict[str, Any]) -> tuple
     from ui.fields import request_from_fields, whole
 
     seed = 0 if whole(values.get("seed")) == -1 else None
-    run = resolve(request_from_fields(task, with_upload_paths(values, task), seed=seed), check_files=False)
+    run = resolve(request_from_fields(task, with_upload_paths(values, task, ctx), seed=seed), check_files=False)
     return run.request, ctx.runner.plan(run)
 
 
@@ -175,7 +179,7 @@ def prepare_request(ctx: AppContext, task: str, values: dict[str, Any]) -> Resol
     from ui.fields import pick_seed, request_from_fields
 
     names = {n: upload_name(values[n]) for n in UPLOADS if values.get(n)}
-    req = request_from_fields(task, with_upload_paths(values, task), pick_seed(values.get("seed")))
+    req = request_from_fields(task, with_upload_paths(values, task, ctx), pick_seed(values.get("seed")))
     run = resolve(req, input_names=names)
     kept = {name: persist_input(getattr(run.request, name), ctx.outputs_dir) for name in UPLOADS}
     return dataclasses.replace(run, request=run.request.replace(**{n: p for n, p in kept.items() if p}))

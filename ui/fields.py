@@ -98,6 +98,7 @@ def request_from_fields(task: str, fields: Mapping[str, Any], seed: int | None =
         loras=loras_from_field(fields.get("loras")), shift=_real(fields.get("shift")) or None,  # 0: the model's
         step_cache=fields.get("step_cache") or None,  # None / "": the motion preset's
         attention=fields.get("attention") or "auto", compile=bool(fields.get("compile") or False),
+        context_parallel=whole(get("context_parallel")),
     )
 
 
@@ -155,5 +156,5 @@ def fields_from_request(req: GenerationRequest) -> dict[str, Any]:
         "tile_x": d.tile_x, "tile_y": d.tile_y, "tile_stride_x": d.tile_stride_x, "tile_stride_y": d.tile_stride_y,
         "upscale": req.upscale, "interpolate": req.interpolate, "loras": loras_to_field(req), "shift": req.shift,
         "step_cache": req.step_cache or "", "attention": req.attention, "compile": req.compile,  # "": the preset's
-        "fixed_tiles": d.fixed_tiles,
+        "fixed_tiles": d.fixed_tiles, "context_parallel": req.context_parallel,
     }

@@ -107,6 +107,9 @@ class Workload:
     # components whose weights load memory-mapped from safetensors files (stored in the dtype they load in):
     # file-backed pages, not anonymous memory (see `mapped_components`)
     mapped: frozenset[str] = frozenset()
+    # processes sharing the denoise (context parallel, engine/parallel.py): each holds all the weights and its
+    # share of the tokens' activations (Ulysses: 1/N of the sequence, then all of it over 1/N of the heads)
+    parallel: int = 1
 
     def replace(self, **changes) -> "Workload":
         import dataclasses
@@ -256,6 +259,7 @@ def workload_for(request: GenerationRequest, spec: ModelSpec) -> Workload:
         decode=request.decode,
         step_cache=(request.step_cache or load_presets()[request.preset].step_cache).split(":")[0],
         mapped=frozenset(c for c in spec.params if spec.stored_dtypes.get(c, spec.default_dtype) == spec.default_dtype),
+        parallel=request.context_parallel,
     )
 
 
@@ -345,7 +349,7 @@ def denoise_activation_bytes(arch: ModelArch, w: Workload) -> int:
     flash / memory-efficient kernels, linear in tokens (no tokens x tokens matrix)."""
     tr: TransformerArch = arch.transformer
     batch = 2 if (w.cfg and tr.cfg_in_batch) else 1
-    tokens = video_tokens(w, arch) + tr.joint_text_tokens
+    tokens = -(-video_tokens(w, arch) // w.parallel) + tr.joint_text_tokens  # this process's share
     per_token = tr.act_elems_per_dim * tr.dim + 2 * tr.ff_dim
     act = int(batch * tokens * per_token * w.dtype_bytes)
     if w.quant != "none":  # a quantized layer is dequantized / upcast to the compute dtype while it runs
