@@ -12,10 +12,12 @@ so the CLI never pays for it.
     main(argv)         -> the `python app.py` entry point (flags, or the CLI subcommands)
 """
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +66,8 @@ def build_launch_parser() -> argparse.ArgumentParser:
                         "cluster started with `ray start` (needs: pip install ray==2.60.0)")
     p.add_argument("--ray-workers", type=int, default=None, metavar="N",
                    help="with --ray: N workers (on CPUs where there is no GPU); default one per GPU")
+    p.add_argument("--mcp", action="store_true",
+                   help="also serve the API endpoints as MCP tools at /gradio_api/mcp/ (needs: pip install mcp==1.30.0)")
     p.add_argument("--context-parallel", type=int, default=1, metavar="N",
                    help="share each video's denoise among N processes, one GPU each (Wan; N must divide its "
                         "attention heads); a request's own context_parallel wins. Default 1")
@@ -90,6 +94,8 @@ def check_launch_args(args: argparse.Namespace) -> str | None:
         return f"--queue-size {args.queue_size} is not allowed; use 1 or more"
     if args.ray_workers is not None and (args.ray is None or args.ray_workers < 1):
         return f"--ray-workers {args.ray_workers} is not allowed; use 1 or more, with --ray local / auto / ADDRESS"
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        return "--mcp needs the MCP package: .venv/bin/pip install mcp==1.30.0"
     if args.ray is not None and importlib.util.find_spec("ray") is None:
         return f"--ray {args.ray} needs Ray: .venv/bin/pip install ray==2.60.0"
     if not 1 <= args.context_parallel <= 16:
@@ -165,33 +171,41 @@ def build_app(
     return app
 
 
-def serve(
-    app: "FitVideoApp",
-    host: str = "127.0.0.1",
-    port: int | None = None,
-    share: bool = False,
-    auth: tuple[str, str] | None = None,
-    max_file_size: str | int = DEFAULT_MAX_UPLOAD,
-) -> str:
-    """Launch with the GPU queue bounded; serve files only from the outputs folder. Returns the local URL
-    at once (the server runs in its own thread; `app.demo.block_thread()` waits on it)."""
+@dataclass(frozen=True)
+class Serving:
+    """How the page is served (the launch flags): address, public link, login, upload cap, MCP tools."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    max_file_size: str | int = DEFAULT_MAX_UPLOAD
+    mcp: bool = False  # the API endpoints (/t2v, /plan_t2v, ...) as MCP tools at /gradio_api/mcp/ too
+
+
+def serve(app: "FitVideoApp", how: Serving = Serving(), **changes) -> str:
+    """Launch with the GPU queue bounded; serve files only from the outputs folder (`changes`: Serving's fields,
+    `serve(app, port=7861, auth=("a", "b"))`). Returns the local URL at once (the server runs in its own thread;
+    `app.demo.block_thread()` waits on it)."""
+    how = dataclasses.replace(how, **changes)
     _, url, _ = app.demo.queue(max_size=app.queue_size, default_concurrency_limit=1).launch(
-        server_name=host,
-        server_port=port,
-        share=share,
-        auth=auth,
+        server_name=how.host,
+        server_port=how.port,
+        share=how.share,
+        auth=how.auth,
         allowed_paths=[str(app.ctx.outputs_dir.resolve())],
-        max_file_size=max_file_size,
+        max_file_size=how.max_file_size,
         prevent_thread_lock=True,
         quiet=True,
         css=CSS,
         # The Gallery and its sidecars are the history; Gradio's own copies every call's inputs and component
         # configs into localStorage on each event, which keeps a 2-core machine's browser busy
         run_history=False,
+        mcp_server=how.mcp,
     )
     from ui.http_api import mount
 
-    mount(app, auth)  # /v1/videos: the same queue over plain HTTP, behind the same login
+    mount(app, how.auth)  # /v1/videos: the same queue over plain HTTP, behind the same login
     return url
 
 
@@ -230,7 +244,7 @@ def launch(argv: list[str]) -> int:
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     logger.info("outputs in %s; no model is loaded until Generate is pressed", Path(args.outputs_dir).resolve())
     try:
-        url = serve(app, host=host, port=args.port, share=args.share, auth=auth)
+        url = serve(app, host=host, port=args.port, share=args.share, auth=auth, mcp=args.mcp)
     except OSError as exc:  # lost a race for the port after the check
         print(f"error: cannot serve on {host}:{args.port}: {exc}; try --port {args.port + 1}", file=sys.stderr)
         return 2

@@ -151,3 +151,18 @@ def test_with_a_login_every_route_needs_it_and_each_login_sees_its_own_jobs(tiny
         assert json.loads(call(url, "GET", "/v1/videos", login=("ana", "s3cret"))[1])["videos"] == []
     finally:
         ui.demo.close()
+
+
+def test_the_login_is_checked_as_gradio_takes_it_one_pair_several_or_a_function():
+    from ui.http_api import ApiError, check_login
+
+    def basic(user: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    for login in (("ann", "pw-a"), [("bob", "pw-b"), ("ann", "pw-a")], lambda u, p: (u, p) == ("ann", "pw-a")):
+        assert check_login(basic("ann", "pw-a"), login) == "ann"
+        for header in (basic("ann", "pw-b"), basic("eve", "pw-a"), "Bearer x", "Basic ###", None):
+            with pytest.raises(ApiError) as info:
+                check_login(header, login)
+            assert info.value.status == 401
+    assert check_login(None, None) == ""  # no --auth: open, as the page is

@@ -142,17 +142,23 @@ def content_path(job: Job) -> Path:
     return Path(getattr(job.result, "final_path", None) or job.result.video_path)
 
 
-def check_login(header: str | None, login: tuple[str, str] | None) -> str:
-    """The user an Authorization header proves ('' when the server has no login); ApiError(401) otherwise."""
-    if login is None:
+def check_login(header: str | None, login: Any) -> str:
+    """The user an Authorization header proves ('' when the server has no login); ApiError(401) otherwise.
+    `login` as Gradio takes it: (user, password), a list of them, or a function (user, password) -> bool."""
+    if not login:
         return ""
     scheme, _, token = (header or "").partition(" ")
     try:
         user, _, password = base64.b64decode(token).decode().partition(":") if scheme.lower() == "basic" else ("", "", "")
     except (binascii.Error, UnicodeDecodeError):
         user, password = "", ""
-    if secrets.compare_digest(user.encode(), login[0].encode()) and \
-            secrets.compare_digest(password.encode(), login[1].encode()):
+    if callable(login):
+        ok = bool(user) and bool(login(user, password))
+    else:
+        pairs = [login] if isinstance(login[0], str) else list(login)
+        ok = any(secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(), p.encode())
+                 for u, p in pairs)
+    if ok:
         return user
     raise ApiError(401, "this server needs its login: HTTP Basic with the --auth user and password (curl -u user:pass)")
 
@@ -160,7 +166,7 @@ def check_login(header: str | None, login: tuple[str, str] | None) -> str:
 # =========================================================================== the routes
 
 
-def mount(app: FitVideoApp, login: tuple[str, str] | None = None) -> None:
+def mount(app: FitVideoApp, login: Any = None) -> None:
     """Add the /v1/videos routes to the FastAPI app Gradio serves (after `launch`: `app.demo.app`)."""
     from fastapi import APIRouter
     from fastapi.responses import FileResponse, JSONResponse
