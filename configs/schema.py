@@ -240,6 +240,7 @@ class Plan:
     release_text_encoder: bool = False  # encode the prompt first, free the text encoder before the transformer loads
     experts_in_ram: int = 0  # two-expert models: experts resident in RAM at once (1: load the second at the switch)
     disk_offload: bool = False  # transformer weights streamed from disk (group offload to $FITVIDEO_HOME/offload)
+    encoder_device: str = ""  # the text encoder's GPU when it runs apart from the transformer's ("": `device`)
     host_stages: dict[str, int] = field(default_factory=dict)  # stage -> predicted peak host RAM bytes
     host_budget_bytes: int = 0  # available host RAM the plan was fitted into (margin already taken off)
     host_limit: str = ""  # where that budget comes from: "machine 23.5 GiB" / "container limit 2.0 GiB (cgroup v1 /x)"

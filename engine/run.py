@@ -218,12 +218,13 @@ def experts_record(run: Run) -> dict | None:
     }
 
 
-def encode_prompt(pipe, req: GenerationRequest, max_length: int) -> dict:
-    """The prompt's (and the negative prompt's) embeddings, as the pipeline itself makes them."""
+def encode_prompt(pipe, req: GenerationRequest, max_length: int, device=None) -> dict:
+    """The prompt's (and the negative prompt's) embeddings, as the pipeline itself makes them (on `device`: the
+    text encoder's, where it runs apart from the transformer; else the pipeline's execution device)."""
     with torch.inference_mode():
         embeds, negative = pipe.encode_prompt(
             prompt=req.prompt, negative_prompt=req.negative_prompt or None, do_classifier_free_guidance=True,
-            max_sequence_length=max_length, device=pipe._execution_device,
+            max_sequence_length=max_length, device=device or pipe._execution_device,
         )
     return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 

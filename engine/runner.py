@@ -334,6 +334,11 @@ class Runner:
         t0 = time.perf_counter()
         if run.step_cache is not None:
             run.step_cache.reset_counts()  # a denoise run again after an out-of-memory counts afresh
+        if run.plan.encoder_device and "prompt" not in run.embeds:  # the text encoder on its own GPU
+            encoder = run.pipe.text_encoder
+            embeds = encode_prompt(run.pipe, req, max_sequence_length(run.pipe, family), device=encoder.device)
+            run.embeds["prompt"] = {k: v.to(run.plan.device if torch.cuda.is_available() else "cpu")
+                                    for k, v in embeds.items()}
         kwargs = self._pipe_kwargs(run)
         with torch.inference_mode(), scheduler_shift(run.pipe, req.shift), denoise_together(run, kwargs) as group:
             run.group = group

@@ -110,6 +110,8 @@ class Workload:
     # processes sharing the denoise (context parallel, engine/parallel.py): each holds all the weights and its
     # share of the tokens' activations (Ulysses: 1/N of the sequence, then all of it over 1/N of the heads)
     parallel: int = 1
+    # the text encoder on a second GPU (a box with two or more, offload none): the main GPU never holds it
+    encoder_apart: bool = False
 
     def replace(self, **changes) -> "Workload":
         import dataclasses
@@ -448,7 +450,8 @@ def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: B
 
     def on_device(stage: str, *names: str) -> int:
         if rung == "none":  # everything this stage holds (both experts unless one at a time)
-            return sum(ram_bytes(arch, w, sizes, c, rung, backend) for c in held_components(sizes, stage, w.host_rung))
+            held = held_components(sizes, stage, w.host_rung) - ({"text_encoder"} if w.encoder_apart else set())
+            return sum(ram_bytes(arch, w, sizes, c, rung, backend) for c in held)
         if rung == "group":  # the VAE is resident throughout
             names = tuple(set(names) | {"vae"})
         return sum(res.get(n, 0) for n in names)  # "transformer": one expert computes at a time
@@ -462,7 +465,8 @@ def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: B
         return StageEstimate(name, weights, activations, min(weights, sum(mapped_size(arch, w, sizes, c) for c in held)),
                              max((working_bytes(arch, w, sizes, c) for c in held & set(names)), default=0))
 
-    stages = [stage("text", ("text_encoder",), text_activation_bytes(arch, w) + extra)]
+    # the text encoder apart: it computes on the second GPU (`apart_peak_bytes`); the main one only holds the rest
+    stages = [stage("text", ("text_encoder",), extra if w.encoder_apart else text_activation_bytes(arch, w) + extra)]
     if "image_encoder" in sizes:
         stages.append(stage("image", ("image_encoder",), image_encoder_activation_bytes(arch, w) + embeds + extra))
     if encodes:
@@ -477,6 +481,13 @@ def estimate(arch: ModelArch, w: Workload, offload: Offload = "none", backend: B
     stages.append(stage("decode", ("vae",), decode_activation_bytes(arch, w, backend) + extra))
     host = host_stages(arch, w, rung, sizes, tuple(s.name for s in stages)) if backend == "cuda" else tuple(stages)
     return Estimate(asked, backend, tuple(stages), sizes, host, w.host_rung)
+
+
+def apart_peak_bytes(arch: ModelArch, w: Workload) -> int:
+    """The second GPU's peak when the text encoder runs there (`Workload.encoder_apart`): its weights, one prompt
+    through it, the embeddings it hands over, the kernels' workspace."""
+    return (component_bytes(arch, w)["text_encoder"] + text_activation_bytes(arch, w) + prompt_embedding_bytes(arch, w)
+            + CUDA_WORKSPACE_BYTES)
 
 
 def disk_bytes_needed(arch: ModelArch, w: Workload) -> int:

@@ -217,6 +217,23 @@ def apply_offload_strategy(
     return pipe
 
 
+def place_apart(pipe, device: torch.device, encoder_device: torch.device) -> None:
+    """Components across GPUs (the planner's `encoder_device`): the text encoder on `encoder_device`, everything else
+    resident on `device`, each moved once (never all onto `device` first). The runner encodes the prompt there and
+    hands the embeddings over (engine/runner.py)."""
+    stamp = (_token(pipe), f"none+text-encoder@{encoder_device}", str(device))
+    if placed_as(pipe) == stamp[1:]:
+        return
+    remove_all_offload(pipe)
+    modules = _modules(pipe)
+    for name, module in modules.items():
+        module.to(encoder_device if name == "text_encoder" else device)
+    pipe.__dict__[_PLACED] = stamp
+    for module in modules.values():
+        module.__dict__[_PLACED] = stamp
+    logger.info("text encoder on %s, the rest on %s", encoder_device, device)
+
+
 def _place_modules(modules: dict[str, torch.nn.Module], dev: torch.device, strategy: str, folders: dict) -> None:
     """Module by module: the disk components from their folders, the others by the rung ("model" becomes
     block-level groups in RAM: diffusers refuses model offload on a pipeline holding a group-offloaded module)."""
@@ -406,7 +423,10 @@ def apply_plan(pipe, plan: Plan) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.warning("plan made for %s but no CUDA GPU is here: running on the CPU", plan.device)
         device = torch.device("cpu")
-    apply_offload_strategy(pipe, plan.offload, device, disk_offload=plan.disk_offload)
+    if plan.encoder_device and plan.offload == "none" and not plan.disk_offload:
+        place_apart(pipe, device, torch.device(plan.encoder_device if device.type == "cuda" else device))
+    else:
+        apply_offload_strategy(pipe, plan.offload, device, disk_offload=plan.disk_offload)
     d = plan.decode
     vae = getattr(pipe, "vae", None)
     if vae is None:

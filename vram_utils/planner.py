@@ -41,7 +41,9 @@ from configs.paths import fitvideo_home
 from configs.schema import DecodeSettings, GenerationRequest, ModelSpec, Offload, Plan
 from configs.registry import get_model_spec
 from vram_utils.archs import ModelArch, arch_for
-from vram_utils.estimate import GIB, LADDER, MIB, Estimate, Workload, disk_bytes_needed, estimate, workload_for
+from vram_utils.estimate import (
+    GIB, LADDER, MIB, Estimate, Workload, apart_peak_bytes, disk_bytes_needed, estimate, workload_for,
+)
 from vram_utils.ladder import (
     HOST_MEASURES,
     HOST_RUNG_TEXT,
@@ -237,6 +239,25 @@ def _summary(arch: ModelArch, w: Workload, choice: _Choice, t: _Target, fits: bo
             + ("" if fits else " (does not fit)"))
 
 
+def _apart(arch: ModelArch, w: Workload, t: _Target, device: DeviceInfo, request: GenerationRequest,
+           choice: _Choice | None) -> tuple[_Choice, str, str] | None:
+    """Components across GPUs in one box: with two or more GPUs and no context parallel, the text encoder on the
+    GPU with the most free memory after the run's own, when that lets the transformer run without offload where it
+    could not beside the encoder. (choice, the reason, "cuda:<second>"), else None."""
+    if t.backend != "cuda" or request.offload != "auto" or request.context_parallel > 1 or len(device.gpus) < 2:
+        return None
+    if choice is not None and choice.offload == "none":
+        return None
+    second = max((g for g in device.gpus if t.gpu is None or g.index != t.gpu.index), key=lambda g: g.free_bytes)
+    room, aw = max(0, second.free_bytes - gpu_margin_bytes(second)), w.replace(encoder_apart=True)
+    need = apart_peak_bytes(arch, aw)
+    found = _first_fit(arch, aw, t, rungs=("none",)) if need <= room else None
+    if found is None:
+        return None
+    return found, (f"text encoder on GPU{second.index} ({second.name}): {gib(need)} of {gib(room)} free there, so "
+                   f"the transformer runs without offload on {t.where}"), f"cuda:{second.index}"
+
+
 def plan_for(
     request: GenerationRequest, spec: ModelSpec, device: DeviceInfo, resident_bytes: int = 0,
     resident_host_bytes: int = 0, disk_free: int | None = None,
@@ -250,7 +271,12 @@ def plan_for(
         t.reasons.insert(0, f"estimate: {arch.note}")
 
     # 2. The fastest pair (then the least change to the decode) that fits both; else the lowest, with suggestions.
+    # With two GPUs, the text encoder on the second one first when that spares the transformer any offload.
     choice = _first_fit(arch, w, t)
+    apart = _apart(arch, w, t, device, request, choice)
+    if apart is not None:
+        choice, w = apart[0], w.replace(encoder_apart=True)
+        t.reasons.append(apart[1])
     fits = choice is not None
     hints: tuple[int | None, str | None] = (None, None)
     if choice is None:
@@ -283,7 +309,7 @@ def plan_for(
         fits=fits, budget_bytes=t.budget, peak_stage=est.peak_stage, suggested_frames=hints[0],
         suggested_model=hints[1], refused=refused, host_stages=est.host_stage_dict(), host_budget_bytes=t.host_budget,
         host_limit=t.host_limit, host_need_bytes=est.host_need_bytes, predicted_anon_host_bytes=est.peak_host_anon_bytes,
-        predicted_mapped_host_bytes=est.peak_host_mapped_bytes, **flags,
+        predicted_mapped_host_bytes=est.peak_host_mapped_bytes, encoder_device=apart[2] if apart else "", **flags,
     )
 
 
