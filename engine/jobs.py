@@ -111,6 +111,9 @@ class LocalWorker:
     def holds(self, model: str) -> bool:
         return False
 
+    def fits(self, job: Job) -> bool:
+        return True
+
 
 class JobQueue:
     """The app's jobs: queued to disk, run by one thread per worker (`LocalWorker(run_job)` unless `workers` are
@@ -277,8 +280,12 @@ class JobQueue:
         return None
 
     def _pick(self, worker) -> Job | None:
-        """The oldest waiting job whose model `worker` holds; else the oldest one no other idle worker holds."""
+        """Of the waiting jobs `worker`'s own plan fits (or that no other worker's does), the oldest whose model it
+        holds; else the oldest one no other idle worker holds."""
         waiting = sorted((j for j in self._jobs.values() if j.state == "waiting"), key=lambda j: (j.created, j.order))
+        if len(self.workers) > 1:
+            others = [w for w in self.workers if w is not worker]
+            waiting = [j for j in waiting if worker.fits(j) or not any(w.fits(j) for w in others)]
         held = [j for j in waiting if worker.holds(j.request.model)]
         if held or len(self.workers) == 1:
             return (held or waiting or [None])[0]

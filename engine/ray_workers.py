@@ -67,6 +67,15 @@ class RayWorkerActor:
         if self.job is not None:
             self.job.stop.set()
 
+    def fits(self, request: dict) -> bool:
+        """Whether this worker's own plan fits the request (its GPU, its RAM, what its cache holds)."""
+        from configs.schema import GenerationRequest
+
+        try:
+            return bool(self.runner.plan(GenerationRequest.from_dict(request)).fits)
+        except Exception:  # noqa: BLE001  (a request that cannot even plan: the run says why, on any worker)
+            return True
+
     def held(self) -> list[str]:
         return sorted({key[0] for key in self.runner.cache.keys()})
 
@@ -80,9 +89,18 @@ class RayWorker:
     def __init__(self, name: str, actor):
         self.name, self.actor = name, actor
         self._held: set[str] = set()
+        self._fits: dict[str, bool] = {}  # job id -> whether this worker's plan fits it (asked once per job)
 
     def holds(self, model: str) -> bool:
         return model in self._held
+
+    def fits(self, job) -> bool:
+        if job.id not in self._fits:
+            import ray
+
+            ask = lambda: ray.get(self.actor.fits.remote(job.request.to_dict()), timeout=60)  # noqa: E731
+            self._fits[job.id] = bool(_quiet(ask, True))
+        return self._fits[job.id]
 
     def run(self, job) -> Any:
         """The job on this worker: its progress and Stop passed while it runs; its RunResult, read from the

@@ -238,3 +238,35 @@ def test_a_killed_app_runs_its_queue_after_a_restart_and_nothing_runs_twice(tmp_
     for r in results:
         assert read_video(r.video).shape[0] == 17
     assert not [p for p in outputs.iterdir() if ".partial" in p.name or p.suffix == ".tmp"]
+
+
+def test_a_job_goes_to_a_worker_whose_plan_fits_it_and_to_the_one_holding_its_model(tiny_models, tmp_path):
+    from configs.schema import GenerationRequest
+    from engine.jobs import JobQueue
+
+    class Worker:  # the shape engine/jobs.py asks of a worker (engine/ray_workers.py RayWorker in the app)
+        def __init__(self, name, fits, held=()):
+            self.name, self._fits, self._held = name, fits, set(held)
+
+        def holds(self, model):
+            return model in self._held
+
+        def fits(self, job):
+            return self._fits(job)
+
+        def run(self, job):
+            raise AssertionError("not started")
+
+    def req(model, seed):
+        return GenerationRequest(model=model, task="t2v", prompt="a cat", frames=9, height=32, width=32, seed=seed)
+
+    small = Worker("small", lambda job: job.request.model != "tiny-wan")  # its plan fits no tiny-wan job
+    big = Worker("big", lambda job: True, held=("tiny-wan",))
+    queue = JobQueue(tmp_path / "q", workers=[small, big])  # not started: _pick is asked directly
+    wan = queue.submit(req("tiny-wan", 1), tmp_path / "a.mp4")
+    cog = queue.submit(req("tiny-cogvideox", 2), tmp_path / "b.mp4")
+    assert queue._pick(small) is cog  # the older job does not fit it
+    assert queue._pick(big) is wan  # the oldest, and its model is there
+    lonely = JobQueue(tmp_path / "q2", workers=[Worker("only", lambda job: False), Worker("other", lambda job: False)])
+    job = lonely.submit(req("tiny-wan", 3), tmp_path / "c.mp4")
+    assert lonely._pick(lonely.workers[0]) is job  # no worker's plan fits: any takes it (the run says why)
