@@ -157,9 +157,9 @@ def start_workers(address: str, count: int | None, outputs_dir: str | Path,
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": env}
-    if address == "local":
-        ray.init(num_cpus=max(count or 0, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env,
-                 logging_level=logging.WARNING)
+    if address == "local":  # a new instance here, even when a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=max(count or 0, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     gpus = int(ray.cluster_resources().get("GPU", 0))

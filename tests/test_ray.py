@@ -120,3 +120,49 @@ def test_a_queue_a_crashed_app_left_is_recovered_onto_the_workers(workers):
     assert recovered[0].resumed == "resumed from its saved latents (decode only)"
     assert recovered[0].result.sidecar.kind == "decode" and recovered[1].result.sidecar.kind == "generate"
     assert {j.result.sidecar.worker.get("name", "") for j in recovered[1:]} <= {"ray-0", "ray-1"}
+
+
+JOIN = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from configs.schema import GenerationRequest
+from engine.jobs import QUEUE_SUBDIR, JobQueue
+from engine.ray_workers import start_workers, stop_workers
+out = Path(sys.argv[3])
+workers = start_workers(sys.argv[2], 1, out)
+queue = JobQueue(out / QUEUE_SUBDIR, workers=workers)
+queue.start()
+job = queue.submit(GenerationRequest(model="tiny-wan", task="t2v", prompt="a cat", frames=5, height=32, width=32,
+                                     steps=2, seed=1), out / "joined.mp4")
+job.done.wait(300)
+queue.close()
+print("JOINED", job.state, job.error, job.result.sidecar.worker["name"] if job.result else "")
+stop_workers(workers)
+'''
+
+
+def test_an_app_joins_a_cluster_started_with_ray_start(tiny_models, tmp_path):
+    """`--ray auto`: a head started by `ray start` (as a person starts one on each machine), the app's worker on it.
+    (`auto` finds it as a person's would on the head machine; a bare address is the same call, `ray.init(address)`,
+    which this sandbox's node address does not route.) `ray stop` at the end ends every Ray here: this test runs
+    last in this file, whose module Ray is then shut down anyway."""
+    import socket
+    import subprocess
+    import sys
+
+    ray_cli = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([str(ray_cli), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=env)
+    try:
+        out = subprocess.run([sys.executable, "-c", JOIN, str(Path(__file__).resolve().parents[1]), "auto",
+                              str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("JOINED")), out.stderr[-2000:])
+        assert line == "JOINED done  ray-0", line
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120, env=env)
