@@ -120,6 +120,28 @@ def jobs_rows(names: list[str], steps: int, count: int) -> None:
                   f"{r['per_min'] / one['per_min']:>6.2f} {r['workers_used']:>12}")
 
 
+def context_rows(names: list[str], steps: int, cores: int) -> None:
+    """One process vs two sharing the denoise: with the cores split between them, then one thread each."""
+    out_dir = ROOT / ".cache" / "bench-scale"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'model':<10} {'processes':>9} {'threads each':>12} {'first run s':>11} {'run s':>7} {'s / step':>9} "
+          f"{'vs 1':>6}  latents")
+    for name in names:
+        model = str(folder()) if name == "wide" else name
+        rows = {}
+        for degree in (1, 2):
+            rows[degree] = r = generate(model, degree, max(1, cores // degree), steps, out_dir / f"{name}_{degree}")
+            same = "reference" if degree == 1 else ("equal" if r["latents"] == rows[1]["latents"] else "differ")
+            print(f"{name:<10} {degree:>9} {max(1, cores // degree):>12} {r['first_s']:>11.1f} {r['run_s']:>7.1f} "
+                  f"{r['step_s']:>9.3f} {r['step_s'] / rows[1]['step_s']:>6.2f}  {same}")
+        # one thread in every rank: the same kernels in both rows, so the latents must be bitwise equal
+        one = {d: generate(model, d, 1, steps, out_dir / f"{name}_{d}_t1") for d in (1, 2)}
+        ratio = one[2]["step_s"] / one[1]["step_s"]
+        same = "equal" if one[1]["latents"] == one[2]["latents"] else "DIFFER"
+        print(f"{name:<10} one thread per process: 1 -> {one[1]['step_s']:.3f} s/step, 2 -> {one[2]['step_s']:.3f} "
+              f"s/step ({ratio:.2f}x); latents {same}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny-wan,wide", help="tiny-wan and/or wide (a 4-block Wan-14B-width folder)")
@@ -133,24 +155,7 @@ def main() -> int:
         jobs_rows(args.models.split(","), args.steps, args.jobs)
     if "context" not in args.parts:
         return 0
-    out_dir = ROOT / ".cache" / "bench-scale"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"{'model':<10} {'processes':>9} {'threads each':>12} {'first run s':>11} {'run s':>7} {'s / step':>9} "
-          f"{'vs 1':>6}  latents")
-    for name in args.models.split(","):
-        model = str(folder()) if name == "wide" else name
-        rows = {}
-        for degree in (1, 2):
-            threads = max(1, args.cores // degree)
-            rows[degree] = r = generate(model, degree, threads, args.steps, out_dir / f"{name}_{degree}")
-            same = "reference" if degree == 1 else ("equal" if r["latents"] == rows[1]["latents"] else "differ")
-            print(f"{name:<10} {degree:>9} {threads:>12} {r['first_s']:>11.1f} {r['run_s']:>7.1f} {r['step_s']:>9.3f} "
-                  f"{r['step_s'] / rows[1]['step_s']:>6.2f}  {same}")
-        # one thread in every rank: the same kernels in both rows, so the latents must be bitwise equal
-        one = {d: generate(model, d, 1, args.steps, out_dir / f"{name}_{d}_t1") for d in (1, 2)}
-        print(f"{name:<10} one thread per process: 1 -> {one[1]['step_s']:.3f} s/step, 2 -> {one[2]['step_s']:.3f} "
-              f"s/step ({one[2]['step_s'] / one[1]['step_s']:.2f}x); latents "
-              f"{'equal' if one[1]['latents'] == one[2]['latents'] else 'DIFFER'}")
+    context_rows(args.models.split(","), args.steps, args.cores)
     return 0
 
 
