@@ -12,6 +12,7 @@ file is reported and moved aside (`*.bad`), never fatal. A job's file is removed
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -58,6 +59,7 @@ class Job:
     # Kept in memory only:
     run: Any = None  # the ResolvedRun it was queued as (after a restart: resolved again from `request`)
     last: Any = None  # the runner's last ProgressEvent
+    stages: list = field(default_factory=list)  # the first ProgressEvent of each stage, in order (a page shows each)
     preview: Any = None  # the latest latent preview (uint8 H x W x 3), while denoising
     preview_n: int = 0  # previews made so far (a page sends a preview again only when this moves)
     result: Any = None  # the RunResult (or RedecodeResult) once done
@@ -354,6 +356,8 @@ def run_job(runner, job: Job, lock: threading.Lock | None = None):
     restart the decode alone when its latents were saved."""
     def on_progress(event) -> None:
         job.last = event
+        if not job.stages or job.stages[-1].stage != event.stage:
+            job.stages.append(dataclasses.replace(event, preview=None))  # no pixels kept for the list
         preview = getattr(event, "preview", None)
         if preview is not None:
             job.preview = preview

@@ -237,10 +237,14 @@ def done_markdown(ctx: AppContext, job: Job, notes: list[str]) -> str:
 async def wait_for_job(queue: JobQueue, job: Job, progress) -> None:
     """Until the job ends: its progress into this page's progress bar (waiting: its place in the queue)."""
     shown: Any = None
-    sent_at = 0.0
+    sent_at, stages_shown = 0.0, 0
     while not job.done.is_set():
         event = job.last
-        if job.state == "waiting":
+        if stages_shown < len(job.stages):  # every stage reaches the page, even one shorter than a poll (a quick load)
+            event, stages_shown = job.stages[stages_shown], stages_shown + 1
+            shown, sent_at = event, time.monotonic()
+            _progress_to_gradio(progress, event)
+        elif job.state == "waiting":
             ahead = queue.ahead(job)
             if shown != ahead:
                 shown = ahead
