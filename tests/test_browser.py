@@ -6,6 +6,7 @@ under test-artifacts/ (git-ignored) for people to look at.
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -335,9 +336,18 @@ def _img_src(page, elem_id: str) -> str:
 
 def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_data(page, server, monkeypatch):
     _, outputs, runner = server
-    # Each step slowed to 0.15 s: a tiny step takes milliseconds, and this test needs a run that is still
-    # denoising after two previews and a page reload (60 steps: about 9 s plus the machine's own time)
-    monkeypatch.setattr(runner, "fault_hook", lambda stage, index: time.sleep(0.15) if stage == "denoising" else None)
+    # Each step slowed to 0.15 s (a tiny step takes milliseconds), and the run held at step 40 until the reloaded
+    # page has shown it running: however slow the machine is, the run is still denoising after two previews and a
+    # page reload.
+    reloaded = threading.Event()
+
+    def slow(stage: str, index: int) -> None:
+        if stage == "denoising":
+            time.sleep(0.15)
+            if index == 40:
+                reloaded.wait(UI_TIMEOUT_MS / 1000)
+
+    monkeypatch.setattr(runner, "fault_hook", slow)
     open_tab(page, "T2V")
     page.locator("#t2v-prompt textarea").fill("a slow green river")
     set_slider(page, "t2v-steps", 60)
@@ -355,6 +365,7 @@ def test_previews_change_a_reloaded_page_follows_the_job_and_the_charts_have_dat
     wait_text(page, "jobs-table", "running")
     assert re.search(r"denoising \d+/60", page.locator("#jobs-table").inner_text())  # its stage and step
     page.screenshot(path=str(ARTIFACTS / "browser_jobs_reloaded.png"), full_page=True)
+    reloaded.set()
     page.wait_for_function("!document.querySelector('#jobs-table').innerText.includes('running')")
     page.locator("#jobs-result video").wait_for(state="attached")
     [made] = [p for p in outputs.glob("*_t2v_*.json") if "a slow green river" in p.read_text()]

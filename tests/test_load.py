@@ -44,8 +44,6 @@ def test_twenty_jobs_from_five_threads_finish_or_are_refused_cleanly(served):
     kwargs = dict(model="tiny-cogvideox", prompt="a red car on a street", steps=2, frames=9, resolution="32x32")
     warm = Client(url, verbose=False)
     warm.predict(**kwargs, seed=0, api_name="/t2v")  # the model is cached: the baseline includes it
-    rss_before = _rss_after_release()
-    start = time.monotonic()
     local = threading.local()
     results: list[tuple[int, str, object]] = []
     lock = threading.Lock()
@@ -63,6 +61,13 @@ def test_twenty_jobs_from_five_threads_finish_or_are_refused_cleanly(served):
             results.append((i, *outcome))
 
     with ThreadPoolExecutor(THREADS) as pool:
+        # A first round from the same threads: their clients, and the heap each server and client thread keeps
+        # (glibc gives each thread an arena of its own), are in the baseline; what the burst adds must not be.
+        list(pool.map(job, range(-THREADS, 0)))
+        rss_before = _rss_after_release()
+        first = sum(r[1] == "done" for r in results)  # the first round's videos
+        results.clear()
+        start = time.monotonic()
         list(pool.map(job, range(JOBS)))
     elapsed = time.monotonic() - start
     assert elapsed < DEADLINE_S
@@ -75,7 +80,7 @@ def test_twenty_jobs_from_five_threads_finish_or_are_refused_cleanly(served):
     assert done, "no job finished"
     names = [str(video).rsplit("/", 1)[-1] for _, _, video, _ in done]
     saved = sorted(p.name for p in outputs.glob("*_t2v_*.mp4"))
-    assert len(saved) == len(done) + 1  # + the warm-up; every finished job has its own file
+    assert len(saved) == len(done) + 1 + first  # + the warm-ups; every finished job has its own file
     assert len(set(saved)) == len(saved)
     for _, _, video, seed in done:
         assert read_video(video).shape == (9, 32, 32, 3)

@@ -84,6 +84,7 @@ def test_a_worker_killed_mid_job_leaves_every_job_done_exactly_once(workers):
         queue.close()
     assert [j.state for j in jobs] == ["done"] * 3, [(j.state, j.error) for j in jobs]
     assert victim.resumed == "started over (its worker was lost before its latents were saved)"
+    assert "denoising" in [e.stage for e in victim.stages]  # the actor's progress reached the app's job
     assert victim.result.sidecar.worker["pid"] != pid  # run again by a live process (the restarted actor or the other)
     assert sorted(p.name for p in folder.glob("*.mp4")) == ["v0.mp4", "v1.mp4", "v2.mp4"]  # one video each
     assert sorted(p.name for p in folder.glob("*.json")) == ["v0.json", "v1.json", "v2.json"]
