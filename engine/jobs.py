@@ -116,6 +116,9 @@ class LocalWorker:
     def fits(self, job: Job) -> bool:
         return True
 
+    def alive(self) -> bool:
+        return True
+
 
 class JobQueue:
     """The app's jobs: queued to disk, run by one thread per worker (`LocalWorker(run_job)` unless `workers` are
@@ -302,11 +305,21 @@ class JobQueue:
                 state, error = ("stopped", "") if job.result is None else ("done", "")
             except WorkerLost as exc:  # its process went away: the job waits again, from its latents if saved
                 self._requeue(job, exc)
+                if not worker.alive():  # gone for good (Ray gave up restarting it): the others take the jobs
+                    self._retire(worker)
+                    return
                 continue
             except Exception as exc:  # noqa: BLE001  (the job ends; the worker and the app go on)
                 state, error = self._failure(job, exc)
             with self._cv:
                 self._end(job, state, error)
+
+    def _retire(self, worker) -> None:
+        with self._cv:
+            self.workers = [w for w in self.workers if w is not worker]
+            logger.error("worker %s is gone and was not restarted; %d worker%s left", worker.name, len(self.workers),
+                         "" if len(self.workers) == 1 else "s")
+            self._cv.notify_all()
 
     def _requeue(self, job: Job, exc: Exception) -> None:
         with self._cv:

@@ -95,6 +95,12 @@ class RayWorker:
     def holds(self, model: str) -> bool:
         return model in self._held
 
+    def alive(self) -> bool:
+        """Whether the actor answers (after Ray restarted it); False once Ray gave up on it."""
+        import ray
+
+        return _quiet(lambda: bool(ray.get(self.actor.info.remote(), timeout=120)), False)
+
     def fits(self, job) -> bool:
         if job.id not in self._fits:
             import ray

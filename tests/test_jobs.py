@@ -262,11 +262,61 @@ def test_a_job_goes_to_a_worker_whose_plan_fits_it_and_to_the_one_holding_its_mo
 
     small = Worker("small", lambda job: job.request.model != "tiny-wan")  # its plan fits no tiny-wan job
     big = Worker("big", lambda job: True, held=("tiny-wan",))
-    queue = JobQueue(tmp_path / "q", workers=[small, big])  # not started: _pick is asked directly
+    queue = JobQueue(tmp_path / "q", workers=[small, big])
+    queue.start = lambda: None  # no worker threads (submit starts them): _pick is asked directly
     wan = queue.submit(req("tiny-wan", 1), tmp_path / "a.mp4")
     cog = queue.submit(req("tiny-cogvideox", 2), tmp_path / "b.mp4")
     assert queue._pick(small) is cog  # the older job does not fit it
     assert queue._pick(big) is wan  # the oldest, and its model is there
     lonely = JobQueue(tmp_path / "q2", workers=[Worker("only", lambda job: False), Worker("other", lambda job: False)])
+    lonely.start = lambda: None
     job = lonely.submit(req("tiny-wan", 3), tmp_path / "c.mp4")
     assert lonely._pick(lonely.workers[0]) is job  # no worker's plan fits: any takes it (the run says why)
+
+
+def test_a_worker_gone_for_good_hands_its_job_to_the_others_and_leaves_the_queue(tiny_models, tmp_path):
+    from configs.schema import GenerationRequest
+    from engine.jobs import JobQueue, WorkerLost
+
+    class Gone:  # a Ray worker whose actor Ray gave up restarting: every call fails
+        name, runs = "gone", 0
+
+        def holds(self, model):
+            return True  # it would be preferred: it must still not keep the job
+
+        def fits(self, job):
+            return True
+
+        def alive(self):
+            return False
+
+        def run(self, job):
+            Gone.runs += 1
+            raise WorkerLost("gone: the actor died and was not restarted")
+
+    class Live:
+        name = "live"
+
+        def holds(self, model):
+            return False
+
+        def fits(self, job):
+            return True
+
+        def alive(self):
+            return True
+
+        def run(self, job):
+            time.sleep(0.3)  # the gone worker asks first
+            return "a result"
+
+    queue = JobQueue(tmp_path / "q", workers=[Gone(), Live()])
+    job = queue.submit(GenerationRequest(model="tiny-wan", task="t2v", prompt="a cat", frames=5, height=32, width=32),
+                       tmp_path / "a.mp4")
+    queue.start()
+    try:
+        assert job.done.wait(30) and job.state == "done" and job.result == "a result"
+    finally:
+        queue.close()
+    assert Gone.runs <= 1 and [w.name for w in queue.workers] == ["live"]
+    assert job.resumed.startswith("started over (its worker was lost")
