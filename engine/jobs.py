@@ -80,6 +80,16 @@ class Job:
         job.oom_kills = int(data.get("oom_kills") or 0)
         return job
 
+    def record(self, event) -> None:
+        """A progress event of this job (the runner's, or one polled from a Ray worker): the latest, each stage's
+        first (a page shows every stage), a new preview, counted once however often the same step is seen."""
+        before, self.last = self.last, event
+        if not self.stages or self.stages[-1].stage != event.stage:
+            self.stages.append(dataclasses.replace(event, preview=None))  # no pixels kept for the list
+        again = before is not None and (before.stage, before.step) == (event.stage, event.step)
+        if getattr(event, "preview", None) is not None and not again:
+            self.preview, self.preview_n = event.preview, self.preview_n + 1
+
     def view(self) -> dict:
         """What a page or an API client sees of the job (no preview pixels, no result object)."""
         last = self.last
@@ -365,21 +375,12 @@ class JobQueue:
 
 
 def run_job(runner, job: Job, lock: threading.Lock | None = None):
-    """One job through the runner (holding `lock`): its progress into `job.last`, its stop flag, and after a
-    restart the decode alone when its latents were saved."""
-    def on_progress(event) -> None:
-        job.last = event
-        if not job.stages or job.stages[-1].stage != event.stage:
-            job.stages.append(dataclasses.replace(event, preview=None))  # no pixels kept for the list
-        preview = getattr(event, "preview", None)
-        if preview is not None:
-            job.preview = preview
-            job.preview_n += 1
-
+    """One job through the runner (holding `lock`): its progress into the job (`Job.record`), its stop flag, and
+    after a restart the decode alone when its latents were saved."""
     with lock or threading.Lock():
         if job.resumed.startswith("resumed") and latents_saved(job):
-            return _resume_decode(job, on_progress)
-        return runner.generate(job.run or job.request, out_path=job.out_path, on_progress=on_progress, stop=job.stop)
+            return _resume_decode(job, job.record)
+        return runner.generate(job.run or job.request, out_path=job.out_path, on_progress=job.record, stop=job.stop)
 
 
 def _resume_decode(job: Job, on_progress):

@@ -282,10 +282,9 @@ def _follow(rank: int, cache, work: Work) -> None:
     plan = dataclasses.replace(work.plan, device=device)
     pipe = cache.get(req.model, req.task, req.quant)
     mods = modifiers.for_run(work.run, plan)  # its ContextParallel included
-    flag_device = device
 
     def after_step(pipe, i, t, callback_kwargs):
-        flag = torch.zeros(1, dtype=torch.int64, device=flag_device)
+        flag = torch.zeros(1, dtype=torch.int64, device=device)
         torch.distributed.broadcast(flag, src=0)
         if flag.item():
             raise _Stopped()

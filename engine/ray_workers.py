@@ -17,7 +17,6 @@ Ray is an optional dependency (`pip install "ray==2.60.0"`; `./run.sh test` inst
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -123,7 +122,9 @@ class RayWorker:
             if job.stop.is_set() and not stop_sent:
                 self.actor.stop.remote()
                 stop_sent = True
-            _show(job, _quiet(lambda: ray.get(self.actor.progress.remote(), timeout=5), None))
+            event = _quiet(lambda: ray.get(self.actor.progress.remote(), timeout=5), None)
+            if event is not None:
+                job.record(event)  # as in-process: the latest, each stage's first, a new preview
         try:
             files = ray.get(ref)
         except RayActorError as exc:  # the actor died (its process killed, its node lost) while running the job
@@ -132,19 +133,6 @@ class RayWorker:
             raise exc.as_instanceof_cause() from None
         self._held = set(_quiet(lambda: ray.get(self.actor.held.remote(), timeout=30), []))
         return _result(files)
-
-
-def _show(job, event) -> None:
-    """A polled progress event into the app's job, as engine/jobs.py `run_job` does in-process: the latest event,
-    each stage's first, a new preview (counted once, however often the same step is polled)."""
-    if event is None:
-        return
-    before, job.last = job.last, event
-    if not job.stages or job.stages[-1].stage != event.stage:
-        job.stages.append(dataclasses.replace(event, preview=None))
-    again = before is not None and (before.stage, before.step) == (event.stage, event.step)
-    if getattr(event, "preview", None) is not None and not again:
-        job.preview, job.preview_n = event.preview, job.preview_n + 1
 
 
 def _quiet(call, default):

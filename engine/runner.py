@@ -335,15 +335,17 @@ class Runner:
         if run.step_cache is not None:
             run.step_cache.reset_counts()  # a denoise run again after an out-of-memory counts afresh
         if run.plan.encoder_device and "prompt" not in run.embeds:  # the text encoder on its own GPU
-            encoder = run.pipe.text_encoder
-            embeds = encode_prompt(run.pipe, req, max_sequence_length(run.pipe, family), device=encoder.device)
-            run.embeds["prompt"] = {k: v.to(run.plan.device if torch.cuda.is_available() else "cpu")
-                                    for k, v in embeds.items()}
+            embeds = encode_prompt(run.pipe, req, max_sequence_length(run.pipe, family),
+                                   device=run.pipe.text_encoder.device)
+            denoiser = getattr(run.pipe, expert_names(run.spec, req.task)[0])  # where the embeddings are read
+            run.embeds["prompt"] = {k: v.to(denoiser.device) for k, v in embeds.items()}
         kwargs = self._pipe_kwargs(run)
         with torch.inference_mode(), scheduler_shift(run.pipe, req.shift), denoise_together(run, kwargs) as group:
             run.group = group
-            latents = run.pipe(**kwargs).frames
-        run.group = None
+            try:
+                latents = run.pipe(**kwargs).frames
+            finally:
+                run.group = None
         run.timings["denoise_s"] = time.perf_counter() - t0
         run.latents = decode.to_vae_latents(run.pipe, latents, family, req.frames)
 

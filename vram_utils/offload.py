@@ -210,9 +210,7 @@ def apply_offload_strategy(
         pipe.enable_model_cpu_offload(device=dev)
     else:
         _place_modules(modules, dev, strategy, folders)
-    pipe.__dict__[_PLACED] = stamp
-    for module in modules.values():
-        module.__dict__[_PLACED] = stamp
+    _stamp(pipe, modules, stamp)
     logger.info("offload %s on %s applied%s", rung, dev, "".join(f"; {n} from {f}" for n, f in folders.items()))
     return pipe
 
@@ -228,10 +226,15 @@ def place_apart(pipe, device: torch.device, encoder_device: torch.device) -> Non
     modules = _modules(pipe)
     for name, module in modules.items():
         module.to(encoder_device if name == "text_encoder" else device)
+    _stamp(pipe, modules, stamp)
+    logger.info("text encoder on %s, the rest on %s", encoder_device, device)
+
+
+def _stamp(pipe, modules: dict[str, torch.nn.Module], stamp: tuple) -> None:
+    """Mark the pipeline and its modules as placed (`placed_as` reads it: an unchanged placement is not redone)."""
     pipe.__dict__[_PLACED] = stamp
     for module in modules.values():
         module.__dict__[_PLACED] = stamp
-    logger.info("text encoder on %s, the rest on %s", encoder_device, device)
 
 
 def _place_modules(modules: dict[str, torch.nn.Module], dev: torch.device, strategy: str, folders: dict) -> None:
